@@ -1,0 +1,161 @@
+"""params.yaml, loaded into frozen, typed dataclasses that reject unknown keys and bad values.
+
+Training hyperparameters live at the top level of params.yaml (so that ``dvc exp run -S lr=0.02``
+works as written); the data split lives under ``data:`` and the sweep grid under ``sweep:``.
+Every error is a :class:`ParamsError` whose message names the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ParamsError
+
+SECTIONS = ("data", "sweep")
+
+
+def _spec(default: Any, kind: type, allowed: str, check=lambda v: True) -> Any:
+    """A dataclass field carrying its type, a predicate and the human description of what is allowed."""
+    return field(default=default, metadata={"kind": kind, "allowed": allowed, "check": check})
+
+
+def _positive(v) -> bool:
+    return v > 0
+
+
+@dataclass(frozen=True)
+class DataParams:
+    """How the transform stage splits the 60,000 training images."""
+
+    val_size: int = _spec(5000, int, "an integer from 1 to 59999", lambda v: 1 <= v <= 59_999)
+    train_size: int | None = _spec(
+        None, int, "null (all the rest) or a positive integer", lambda v: v is None or v > 0
+    )
+    split_seed: int = _spec(0, int, "a non-negative integer", lambda v: v >= 0)
+
+
+MODELS = ("network", "fastnet")
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("onecycle", "constant")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """Training hyperparameters, the top level of params.yaml."""
+
+    model: str = _spec("network", str, f"one of {', '.join(MODELS)}", lambda v: v in MODELS)
+    width: int = _spec(32, int, "a positive integer (channels of fastnet's first block)", _positive)
+    lr: float = _spec(0.01, float, "a positive number", _positive)
+    batch_size: int = _spec(100, int, "a positive integer", _positive)
+    epochs: int = _spec(15, int, "a positive integer", _positive)
+    optimizer: str = _spec("adam", str, f"one of {', '.join(OPTIMIZERS)}", lambda v: v in OPTIMIZERS)
+    momentum: float = _spec(0.9, float, "a number in [0, 1)", lambda v: 0 <= v < 1)
+    weight_decay: float = _spec(0.0, float, "a non-negative number", lambda v: v >= 0)
+    schedule: str = _spec("onecycle", str, f"one of {', '.join(SCHEDULES)}", lambda v: v in SCHEDULES)
+    label_smoothing: float = _spec(0.0, float, "a number in [0, 1)", lambda v: 0 <= v < 1)
+    flip: bool = _spec(False, bool, "true or false (random horizontal flips while training)")
+    tta: bool = _spec(False, bool, "true or false (average predictions over flipped test images)")
+    seed: int = _spec(0, int, "a non-negative integer", lambda v: v >= 0)
+    device: str = _spec("auto", str, f"one of {', '.join(DEVICES)}", lambda v: v in DEVICES)
+
+
+TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainParams))
+
+
+def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
+    kind, allowed = f.metadata["kind"], f.metadata["allowed"]
+    bad = ParamsError(f"params.yaml: {key} must be {allowed}, got {value!r}")
+    if value is None:
+        if f.default is None:
+            return None
+        raise bad
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise bad
+    elif kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad
+        value = float(value)
+    elif kind is str:
+        if not isinstance(value, str):
+            raise bad
+    if not f.metadata["check"](value):
+        raise bad
+    return value
+
+
+def _build(cls, values: Mapping[str, Any], prefix: str = ""):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ParamsError(
+            f"params.yaml: unknown key {prefix}{unknown[0]!r} (known: {', '.join(fields)})"
+        )
+    return cls(**{k: _coerce(prefix + k, v, fields[k]) for k, v in values.items()})
+
+
+def load(path: str | Path = "params.yaml") -> dict[str, Any]:
+    """Read params.yaml and reject top-level keys that no stage knows."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: file not found") from None
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of keys to values")
+    unknown = sorted(set(raw) - set(TRAIN_KEYS) - set(SECTIONS), key=str)
+    if unknown:
+        raise ParamsError(
+            f"params.yaml: unknown key {unknown[0]!r} "
+            f"(known: {', '.join(TRAIN_KEYS + SECTIONS)})"
+        )
+    return raw
+
+
+def data_params(raw: Mapping[str, Any]) -> DataParams:
+    section = raw.get("data") or {}
+    if not isinstance(section, dict):
+        raise ParamsError("params.yaml: data must be a mapping (val_size, train_size, split_seed)")
+    return _build(DataParams, section, "data.")
+
+
+def train_params(raw: Mapping[str, Any], **overrides: Any) -> TrainParams:
+    """The top-level training keys, with ``overrides`` (one sweep run's values) applied on top."""
+    values = {k: v for k, v in raw.items() if k in TRAIN_KEYS}
+    values.update(overrides)
+    return _build(TrainParams, values)
+
+
+def sweep_grid(raw: Mapping[str, Any]) -> dict[str, list]:
+    """The ``sweep:`` section: training key -> list of values, every value validated up front."""
+    section = raw.get("sweep")
+    if not isinstance(section, dict) or not section:
+        raise ParamsError("params.yaml: sweep must map training keys to lists of values, e.g. lr: [0.01, 0.001]")
+    grid: dict[str, list] = {}
+    for key, values in section.items():
+        if key not in TRAIN_KEYS:
+            raise ParamsError(
+                f"params.yaml: unknown key 'sweep.{key}' (training keys: {', '.join(TRAIN_KEYS)})"
+            )
+        if not isinstance(values, list):
+            values = [values]
+        if not values:
+            raise ParamsError(f"params.yaml: sweep.{key} is an empty list; give at least one value")
+        fld = next(f for f in dataclasses.fields(TrainParams) if f.name == key)
+        grid[key] = [_coerce(f"sweep.{key}", v, fld) for v in values]
+    train_params(raw)  # the fixed keys must be valid too, before any run starts
+    return grid

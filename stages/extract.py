@@ -1,0 +1,22 @@
+"""DVC stage `extract`: the four official Fashion-MNIST files into data/raw/, verified.
+
+Set FMNIST_MIRROR to a local folder or URL base to fetch from there first.
+"""
+
+import argparse
+
+from fmnist import cli
+from fmnist.extract import extract, sources_from_env
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default="data/raw", help="folder for the four .gz files")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per network read")
+    parser.add_argument("--retries", type=int, default=3, help="attempts per URL")
+    args = parser.parse_args()
+    extract(args.out, sources_from_env(), timeout=args.timeout, retries=args.retries)
+
+
+if __name__ == "__main__":
+    cli.run(main)

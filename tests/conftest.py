@@ -1,0 +1,74 @@
+"""Shared fixtures: the offline Fashion-MNIST mirror, tiny IDX files made on the spot, processed data."""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fmnist.data import transform
+from fmnist.extract import FILES, Source, extract
+from fmnist.params import DataParams
+
+ROOT = Path(__file__).resolve().parents[1]
+MIRROR = Path(os.environ.get("FMNIST_MIRROR", ROOT.parent / "shared" / "datasets" / "fashion-mnist"))
+
+
+def idx_images(images: np.ndarray, magic: int = 0x803, count: int | None = None) -> bytes:
+    n, rows, cols = images.shape
+    header = b"".join(int(v).to_bytes(4, "big") for v in (magic, n if count is None else count, rows, cols))
+    return header + images.astype(np.uint8).tobytes()
+
+
+def idx_labels(labels: np.ndarray, magic: int = 0x801) -> bytes:
+    return magic.to_bytes(4, "big") + len(labels).to_bytes(4, "big") + labels.astype(np.uint8).tobytes()
+
+
+def write_raw(folder: Path, n_train: int = 120, n_test: int = 30, seed: int = 0, **replace: bytes) -> Path:
+    """Write four small gzipped IDX files under the official names; ``replace`` swaps a file's bytes."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    content = {
+        "train-images-idx3-ubyte.gz": idx_images(rng.integers(0, 256, (n_train, 28, 28))),
+        "train-labels-idx1-ubyte.gz": idx_labels(rng.integers(0, 10, n_train)),
+        "t10k-images-idx3-ubyte.gz": idx_images(rng.integers(0, 256, (n_test, 28, 28))),
+        "t10k-labels-idx1-ubyte.gz": idx_labels(rng.integers(0, 10, n_test)),
+    }
+    for name, payload in content.items():
+        raw = replace.get(name.replace("-", "_").replace(".", "_"))
+        (folder / name).write_bytes(raw if raw is not None else gzip.compress(payload))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def mirror() -> Path:
+    if not all((MIRROR / f).is_file() for f in FILES):
+        pytest.skip(f"the Fashion-MNIST mirror is not at {MIRROR}")
+    return MIRROR
+
+
+@pytest.fixture(scope="session")
+def raw_full(mirror, tmp_path_factory) -> Path:
+    """The four real files, extracted and verified from the mirror."""
+    out = tmp_path_factory.mktemp("full") / "raw"
+    extract(out, [Source(str(mirror))])
+    return out
+
+
+@pytest.fixture(scope="session")
+def processed_full(raw_full) -> Path:
+    out = raw_full.parent / "processed"
+    transform(raw_full, out, DataParams())
+    return out
+
+
+@pytest.fixture(scope="session")
+def processed_small(tmp_path_factory) -> Path:
+    """Processed data from random tiny IDX files: 600 train images, 100 validation, 200 test."""
+    base = tmp_path_factory.mktemp("small")
+    write_raw(base / "raw", n_train=700, n_test=200)
+    transform(base / "raw", base / "processed", DataParams(val_size=100))
+    return base / "processed"
