@@ -68,6 +68,8 @@ class TrainParams:
 
 
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainParams))
+EVAL_ONLY_KEYS = ("tta",)  # read by evaluate, not by train: changing them must not retrain
+UNSWEPT_KEYS = EVAL_ONLY_KEYS + ("device",)  # a sweep trains every run on one device
 
 
 def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
@@ -100,7 +102,7 @@ def _build(cls, values: Mapping[str, Any], prefix: str = ""):
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ParamsError(
-            f"params.yaml: unknown key {prefix}{unknown[0]!r} (known: {', '.join(fields)})"
+            f"params.yaml: unknown key '{prefix}{unknown[0]}' (known: {', '.join(fields)})"
         )
     return cls(**{k: _coerce(prefix + k, v, fields[k]) for k, v in values.items()})
 
@@ -147,9 +149,10 @@ def sweep_grid(raw: Mapping[str, Any]) -> dict[str, list]:
         raise ParamsError("params.yaml: sweep must map training keys to lists of values, e.g. lr: [0.01, 0.001]")
     grid: dict[str, list] = {}
     for key, values in section.items():
-        if key not in TRAIN_KEYS:
+        if key not in TRAIN_KEYS or key in UNSWEPT_KEYS:
             raise ParamsError(
-                f"params.yaml: unknown key 'sweep.{key}' (training keys: {', '.join(TRAIN_KEYS)})"
+                f"params.yaml: sweep.{key} is not a training key that can be swept "
+                f"(allowed: {', '.join(k for k in TRAIN_KEYS if k not in UNSWEPT_KEYS)})"
             )
         if not isinstance(values, list):
             values = [values]
@@ -157,5 +160,4 @@ def sweep_grid(raw: Mapping[str, Any]) -> dict[str, list]:
             raise ParamsError(f"params.yaml: sweep.{key} is an empty list; give at least one value")
         fld = next(f for f in dataclasses.fields(TrainParams) if f.name == key)
         grid[key] = [_coerce(f"sweep.{key}", v, fld) for v in values]
-    train_params(raw)  # the fixed keys must be valid too, before any run starts
     return grid

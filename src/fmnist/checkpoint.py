@@ -1,0 +1,47 @@
+"""Checkpoints: the state dict plus what it takes to rebuild the model and feed it, loaded safely."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import DataError
+from .fileio import atomic_path
+from .models import build_model
+from .params import TrainParams
+
+FORMAT = 1
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, p: TrainParams, mean: float, std: float) -> None:
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    payload = {
+        "format": FORMAT,
+        "model": p.model,
+        "width": p.width,
+        "params": dataclasses.asdict(p),
+        "normalize": {"mean": mean, "std": std},
+        "state_dict": state,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+    """(model on ``device`` in eval mode, the checkpoint's metadata); ``weights_only=True`` runs no pickled code."""
+    path = Path(path)
+    try:
+        payload = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise DataError(f"{path}: checkpoint not found (run the train stage first)") from None
+    except Exception as e:  # a truncated or foreign file: say which, not where in the unpickler
+        raise DataError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise DataError(f"{path}: not a checkpoint written by this project (format {FORMAT})")
+    model = build_model(payload["model"], payload["width"])
+    model.load_state_dict(payload["state_dict"])
+    model.to(device).eval()
+    return model, {k: v for k, v in payload.items() if k != "state_dict"}

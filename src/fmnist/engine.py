@@ -1,0 +1,219 @@
+"""The training engine shared by the train and sweep stages: one loop, on the CPU or on CUDA.
+
+The whole data set lives on the device as one normalised float tensor; a batch is a slice of a
+seeded permutation, so an epoch makes no worker processes, no per-item Python calls and no
+host-device copies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .data import Split
+from .errors import ParamsError
+from .params import TrainParams
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; ``cuda`` without a GPU is an error."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ParamsError("params.yaml: device is 'cuda' but no CUDA GPU is available (use auto or cpu)")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def make_deterministic() -> None:
+    """Process-wide settings for bit-identical reruns; entry points call this once, first thing."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+@dataclass(frozen=True)
+class DeviceSplit:
+    """A split resident on the device: normalised images float [N, 1, 28, 28] and labels int64 [N]."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+def to_device(split: Split, mean: float, std: float, device: torch.device) -> DeviceSplit:
+    """Move a uint8 split to ``device`` once, then normalise it there in one pass."""
+    x = split.images.to(device).unsqueeze(1).float().div_(255).sub_(mean).div_(std)
+    return DeviceSplit(x.contiguous(memory_format=torch.channels_last), split.labels.to(device))
+
+
+def make_optimizer(model: nn.Module, p: TrainParams) -> torch.optim.Optimizer:
+    if p.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+    return torch.optim.SGD(
+        model.parameters(), lr=p.lr, momentum=p.momentum, nesterov=p.momentum > 0, weight_decay=p.weight_decay
+    )
+
+
+def one_cycle(step: int, total_steps: int, warmup: float = 0.25, start_div: float = 25.0, end_div: float = 1e4) -> float:
+    """The one-cycle factor at ``step``: linear warm-up from 1/start_div to 1, then cosine down to 1/end_div.
+
+    Defined for any ``total_steps`` >= 1 (torch's OneCycleLR divides by zero on very short runs).
+    """
+    warm = max(1, int(warmup * total_steps))
+    if step < warm:
+        return 1 / start_div + (1 - 1 / start_div) * step / warm
+    t = min(1.0, (step - warm) / max(1, total_steps - warm))
+    return 1 / end_div + (1 - 1 / end_div) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def make_scheduler(opt: torch.optim.Optimizer, p: TrainParams, steps_per_epoch: int):
+    """One-cycle (warm up to ``lr`` over the first 25% of steps, then anneal) or None for a constant rate."""
+    if p.schedule == "constant":
+        return None
+    total = p.epochs * steps_per_epoch
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: one_cycle(step, total))
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    return -(-n // batch_size)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    data: DeviceSplit,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    p: TrainParams,
+    generator: torch.Generator,
+    tracker=None,
+    progress: bool = False,
+) -> None:
+    """One pass over ``data`` in a seeded order: forward, loss, zero_grad, backward, step.
+
+    ``tracker`` (a :class:`~fmnist.tracking.RunManager`) is told each batch's mean loss and
+    predictions; the last batch may be short and is weighted by its true size.
+    """
+    model.train()
+    n = len(data)
+    device = data.x.device
+    order = torch.randperm(n, generator=generator, device=device)
+    starts = range(0, n, p.batch_size)
+    for start in tqdm(starts, leave=False, unit="batch", disable=not progress):
+        idx = order[start : start + p.batch_size]
+        images, labels = data.x[idx], data.y[idx]
+        if p.flip:  # mirror half the batch, on the device
+            flip = torch.rand(len(idx), generator=generator, device=device) < 0.5
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        logits = model(images)
+        loss = F.cross_entropy(logits, labels, label_smoothing=p.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        if tracker is not None:
+            tracker.track_loss(loss, len(idx))
+            tracker.track_num_correct(logits, labels)
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1000, tta: bool = False) -> torch.Tensor:
+    """Logits [N, 10] for images ``x`` [N, 1, 28, 28], batched, gradients off (the seed's get_all_preds).
+
+    With ``tta`` the logits of each image and its mirror image are averaged.
+    """
+    model.eval()
+    out = []
+    for start in range(0, len(x), batch_size):
+        batch = x[start : start + batch_size]
+        logits = model(batch)
+        if tta:
+            logits = (logits + model(batch.flip(-1))) / 2
+        out.append(logits.float())
+    return torch.cat(out)
+
+
+def evaluate(model: nn.Module, data: DeviceSplit, tta: bool = False) -> tuple[float, float, torch.Tensor]:
+    """(mean cross-entropy, accuracy in [0, 1], logits) over a whole split."""
+    logits = predict(model, data.x, tta=tta)
+    loss = F.cross_entropy(logits, data.y).item()
+    accuracy = (logits.argmax(1) == data.y).float().mean().item()
+    return loss, accuracy, logits
+
+
+def fit(
+    model: nn.Module,
+    train: DeviceSplit,
+    val: DeviceSplit,
+    p: TrainParams,
+    manager,
+    progress: bool = False,
+) -> list[dict]:
+    """Train ``model`` for ``p.epochs`` epochs, validating after each; ``manager`` records every epoch.
+
+    Returns the manager's rows for this run (one per epoch).
+    """
+    optimizer = make_optimizer(model, p)
+    scheduler = make_scheduler(optimizer, p, steps_per_epoch(len(train), p.batch_size))
+    generator = torch.Generator(device=train.x.device).manual_seed(p.seed)
+    for _ in range(p.epochs):
+        manager.begin_epoch()
+        train_one_epoch(model, train, optimizer, scheduler, p, generator, manager, progress)
+        val_loss, val_acc, _ = evaluate(model, val)
+        manager.end_epoch(val_loss, val_acc)
+    return manager.run_rows()
+
+
+def train_run(
+    p: TrainParams,
+    train: DeviceSplit,
+    val: DeviceSplit,
+    manager,
+    run=None,
+    name: str | None = None,
+    progress: bool = False,
+) -> tuple[nn.Module, dict]:
+    """Build ``p.model`` from ``p.seed``, train it with :func:`fit` and close the run in ``manager``.
+
+    The one training path for the train stage and every sweep run. Returns the trained model and
+    its final metrics (train and validation loss and accuracy of the last epoch).
+    """
+    from .models import build_model  # local: models import nothing from here, but keep the graph flat
+
+    model = build_model(p.model, p.width, p.seed).to(train.x.device, memory_format=torch.channels_last)
+    if run is None:
+        run = _params_tuple(p)
+    manager.begin_run(run, model, name=name, example=train.x[:64])
+    start = time.perf_counter()
+    rows = fit(model, train, val, p, manager, progress=progress)
+    last = rows[-1]
+    metrics = {
+        "train_loss": last["loss"], "train_accuracy": last["accuracy"],
+        "val_loss": last["val_loss"], "val_accuracy": last["val_accuracy"],
+    }
+    manager.end_run(hparams=dataclasses.asdict(p), metrics=metrics)
+    seconds = time.perf_counter() - start
+    log.info("%s: %d epochs in %.1f s (%.0f images/s), val accuracy %.2f%%", manager.run_name, p.epochs, seconds,
+             p.epochs * len(train) / seconds, 100 * metrics["val_accuracy"])
+    return model, metrics
+
+
+def _params_tuple(p: TrainParams):
+    from collections import namedtuple
+
+    fields = dataclasses.asdict(p)
+    return namedtuple("Run", fields)(**fields)

@@ -1,0 +1,80 @@
+"""Models, chosen by name from params.yaml (``model:``); each ``forward`` returns logits [B, 10].
+
+The seed ended ``Network.forward`` with ``softmax`` and then called ``F.cross_entropy``, which
+applies log-softmax again: the loss then saturates and gradients shrink. Here every model returns
+raw logits and the loss does the softmax once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ParamsError
+
+
+class Network(nn.Module):
+    """The seed's CNN: two 5x5 convolutions with 2x2 max-pooling, three linear layers (32,672 parameters)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels=1, out_channels=5, kernel_size=5)
+        self.conv2 = nn.Conv2d(in_channels=5, out_channels=12, kernel_size=5)
+        # 28 -conv5-> 24 -pool-> 12 -conv5-> 8 -pool-> 4, so the flattened map is 12 x 4 x 4
+        self.fc1 = nn.Linear(in_features=12 * 4 * 4, out_features=120)
+        self.fc2 = nn.Linear(in_features=120, out_features=60)
+        self.out = nn.Linear(in_features=60, out_features=10)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        t = F.max_pool2d(F.relu(self.conv1(t)), kernel_size=2, stride=2)
+        t = F.max_pool2d(F.relu(self.conv2(t)), kernel_size=2, stride=2)
+        t = t.flatten(1)
+        t = F.relu(self.fc1(t))
+        t = F.relu(self.fc2(t))
+        return self.out(t)  # logits: no softmax here (see the module docstring)
+
+
+def _block(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    )
+
+
+class FastNet(nn.Module):
+    """A BatchNorm CNN for accuracy per second: three conv blocks of ``width``, 2x, 4x channels, pooled.
+
+    28 -> 14 -> 7 -> 3, then global max-pooling and one linear layer.
+    """
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            _block(1, w), nn.MaxPool2d(2),
+            _block(w, 2 * w), _block(2 * w, 2 * w), nn.MaxPool2d(2),
+            _block(2 * w, 4 * w), nn.MaxPool2d(2),
+            nn.AdaptiveMaxPool2d(1), nn.Flatten(),
+        )
+        self.head = nn.Linear(4 * w, 10, bias=False)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(t))
+
+
+MODELS = {"network": lambda width: Network(), "fastnet": lambda width: FastNet(width)}
+
+
+def build_model(name: str, width: int = 32, seed: int = 0) -> nn.Module:
+    """Build model ``name`` with weights drawn from ``seed``, leaving the global RNG as it was."""
+    if name not in MODELS:
+        raise ParamsError(f"params.yaml: model must be one of {', '.join(MODELS)}, got {name!r}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return MODELS[name](width)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

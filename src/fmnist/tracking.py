@@ -1,0 +1,180 @@
+"""The seed's RunBuilder and RunManager, kept under the names users know, with the seed's faults fixed.
+
+``RunManager`` tracks and records; it does not train, load data or build loaders. Losses are
+averaged over the true number of samples (the seed multiplied by the nominal batch size, which
+overcounts a short last batch), the network it records is passed in (the seed read a global), and
+per-batch values stay on the device until the epoch ends (no synchronisation per batch).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import warnings
+from collections import namedtuple
+from collections.abc import Mapping, Sequence
+from itertools import product
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+
+from .fileio import atomic_path, write_json
+
+log = logging.getLogger(__name__)
+
+
+class RunBuilder:
+    @staticmethod
+    def get_runs(params: Mapping[str, Sequence]) -> list:
+        """The cartesian product of ``params``' value lists, as named tuples (``run.lr``, ``str(run)``)."""
+        Run = namedtuple("Run", params.keys())
+        return [Run(*values) for values in product(*params.values())]
+
+
+def run_name(run) -> str:
+    """A folder-safe name from a run's values, e.g. ``lr=0.01,batch_size=1000``."""
+    return ",".join(f"{k}={v}" for k, v in run._asdict().items())
+
+
+class RunManager:
+    """Records runs and their epochs: TensorBoard logs, a table of rows, a progress line per epoch.
+
+    ``log_root``: TensorBoard folder; each run writes to ``log_root/<name>``. ``None`` disables
+    TensorBoard. ``histograms``: write every parameter and its gradient once per epoch.
+    """
+
+    def __init__(self, log_root: str | Path | None = None, histograms: bool = True, stream=sys.stderr):
+        self.log_root = Path(log_root) if log_root is not None else None
+        self.histograms = histograms
+        self.stream = stream
+        self.run_data: list[dict] = []
+        self.run_count = 0
+        self.run_params = None
+        self.network: nn.Module | None = None
+        self.tb = None
+        self.epoch_count = 0
+        self._reset_epoch()
+
+    def _reset_epoch(self) -> None:
+        self.epoch_loss = 0.0  # sum of per-sample losses (a device tensor while the epoch runs)
+        self.epoch_num_correct = 0
+        self.epoch_samples = 0
+
+    # -- runs -----------------------------------------------------------------------------
+    def begin_run(self, run, network: nn.Module, name: str | None = None, example: torch.Tensor | None = None) -> None:
+        """Start recording ``run`` (a named tuple) of ``network``; ``example`` (a batch) draws the graph and an image grid."""
+        self.run_start_time = time.perf_counter()
+        self.run_params = run
+        self.run_count += 1
+        self.network = network
+        self.epoch_count = 0
+        self.run_name = name or run_name(run)
+        if self.log_root is not None:
+            from torch.utils.tensorboard import SummaryWriter  # heavy import, only when logging
+            from torchvision.utils import make_grid
+
+            self.tb = SummaryWriter(log_dir=str(self.log_root / self.run_name))
+            if example is not None:
+                grid = make_grid(example[:64].float().cpu(), nrow=8, normalize=True)
+                self.tb.add_image("images", grid)
+                was_training = network.training
+                network.eval()
+                with warnings.catch_warnings():  # add_graph traces with torch.jit, which warns it is deprecated
+                    warnings.simplefilter("ignore", FutureWarning)
+                    self.tb.add_graph(network, example[:8])
+                network.train(was_training)
+        print(self._header(), file=self.stream, flush=True)
+
+    def end_run(self, hparams: Mapping | None = None, metrics: Mapping[str, float] | None = None) -> None:
+        """Close the run's TensorBoard log, writing ``hparams`` and final ``metrics`` for the HPARAMS view."""
+        if self.tb is not None:
+            if hparams is not None:
+                self.tb.add_hparams(
+                    {k: v for k, v in hparams.items() if isinstance(v, (int, float, str, bool))},
+                    {f"hparam/{k}": v for k, v in (metrics or {}).items()},
+                    run_name=".",  # into this run's own folder, not a timestamped sub-folder
+                )
+            self.tb.close()
+            self.tb = None
+
+    # -- epochs ---------------------------------------------------------------------------
+    def begin_epoch(self) -> None:
+        self.epoch_start_time = time.perf_counter()
+        self.epoch_count += 1
+        self._reset_epoch()
+
+    def track_loss(self, loss: torch.Tensor, batch_size: int) -> None:
+        """Add a batch's *mean* loss, weighted by the batch's true size."""
+        self.epoch_loss = self.epoch_loss + loss.detach() * batch_size
+        self.epoch_samples += batch_size
+
+    def track_num_correct(self, preds: torch.Tensor, labels: torch.Tensor) -> None:
+        self.epoch_num_correct = self.epoch_num_correct + (preds.detach().argmax(dim=1) == labels).sum()
+
+    def end_epoch(self, val_loss: float | None = None, val_accuracy: float | None = None) -> dict:
+        """Close the epoch: averages over the samples seen, TensorBoard scalars and histograms, one row."""
+        n = max(self.epoch_samples, 1)
+        loss = float(self.epoch_loss) / n
+        accuracy = float(self.epoch_num_correct) / n
+        now = time.perf_counter()
+        row = {
+            "run": self.run_count,
+            "name": self.run_name,
+            "epoch": self.epoch_count,
+            "loss": loss,
+            "accuracy": accuracy,
+            "val_loss": val_loss,
+            "val_accuracy": val_accuracy,
+            "epoch_duration": now - self.epoch_start_time,
+            "run_duration": now - self.run_start_time,
+            **(self.run_params._asdict() if self.run_params is not None else {}),
+        }
+        self.run_data.append(row)
+        if self.tb is not None:
+            self._write_epoch(row)
+        print(self._format(row), file=self.stream, flush=True)
+        return row
+
+    def _write_epoch(self, row: dict) -> None:
+        e = self.epoch_count
+        self.tb.add_scalar("Loss/train", row["loss"], e)
+        self.tb.add_scalar("Accuracy/train", row["accuracy"], e)
+        if row["val_loss"] is not None:
+            self.tb.add_scalar("Loss/val", row["val_loss"], e)
+            self.tb.add_scalar("Accuracy/val", row["val_accuracy"], e)
+        if self.histograms:
+            for name, param in self.network.named_parameters():
+                self.tb.add_histogram(name, param.detach().float().cpu(), e)
+                if param.grad is not None:
+                    self.tb.add_histogram(f"{name}.grad", param.grad.float().cpu(), e)
+        self.tb.flush()
+
+    # -- the live table -------------------------------------------------------------------
+    _FMT = "{run:>4} {epoch:>5} {loss:>8.4f} {accuracy:>8.2%} {val_loss:>9} {val_accuracy:>8} {epoch_duration:>7.1f}s {run_duration:>8.1f}s  {name}"
+
+    def _header(self) -> str:
+        return f"{'run':>4} {'epoch':>5} {'loss':>8} {'accuracy':>8} {'val_loss':>9} {'val_acc':>8} {'epoch':>8} {'run':>9}  params"
+
+    def _format(self, row: dict) -> str:
+        return self._FMT.format(
+            **{**row, "val_loss": "-" if row["val_loss"] is None else f"{row['val_loss']:.4f}",
+               "val_accuracy": "-" if row["val_accuracy"] is None else f"{row['val_accuracy']:.2%}"},
+        )
+
+    # -- results --------------------------------------------------------------------------
+    def run_rows(self) -> list[dict]:
+        """The rows of the current run."""
+        return [r for r in self.run_data if r["run"] == self.run_count]
+
+    def dataframe(self) -> pd.DataFrame:
+        return pd.DataFrame.from_records(self.run_data)
+
+    def save(self, file_name: str | Path) -> None:
+        """Write every row to ``<file_name>.csv`` and ``<file_name>.json``, atomically."""
+        file_name = Path(file_name)
+        with atomic_path(file_name.with_suffix(".csv")) as tmp:
+            self.dataframe().to_csv(tmp, index=False)
+        write_json(file_name.with_suffix(".json"), self.run_data)

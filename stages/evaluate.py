@@ -1,0 +1,51 @@
+"""DVC stage `evaluate`: predict the test set with the trained checkpoint; write metrics and plots."""
+
+import argparse
+from pathlib import Path
+
+import torch.nn.functional as F
+
+from fmnist import cli, params
+from fmnist.checkpoint import load_checkpoint
+from fmnist.data import load_processed
+from fmnist.engine import make_deterministic, predict, resolve_device, to_device
+from fmnist.evaluation import (
+    confusion_matrix, per_class_accuracy, save_confusion_png, save_misclassified_png, write_confusion_csv,
+)
+from fmnist.fileio import write_json
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data", default="data/processed")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--model", default="models/model.pt")
+    parser.add_argument("--metrics", default="metrics/eval.json")
+    parser.add_argument("--confusion", default="metrics/confusion.csv", help="DVC confusion plot data")
+    parser.add_argument("--plots", default="plots", help="folder for confusion.png and misclassified.png")
+    args = parser.parse_args()
+
+    p = params.train_params(params.load(args.params))
+    make_deterministic()
+    device = resolve_device(p.device)
+    model, info = load_checkpoint(args.model, device)
+    data = load_processed(args.data)
+    norm = info["normalize"]
+    test = to_device(data.test, norm["mean"], norm["std"], device)
+
+    logits = predict(model, test.x, tta=p.tta)
+    preds = logits.argmax(1)
+    cm = confusion_matrix(preds, test.y)
+    accuracy = cm.diagonal().sum().item() / cm.sum().item()
+    write_json(args.metrics, {
+        "test_loss": F.cross_entropy(logits, test.y).item(),
+        "test_accuracy": accuracy,
+        "per_class_accuracy": per_class_accuracy(cm),
+    })
+    write_confusion_csv(args.confusion, preds, test.y)
+    save_confusion_png(Path(args.plots) / "confusion.png", cm, f"{info['model']}: test accuracy {accuracy:.2%}")
+    save_misclassified_png(Path(args.plots) / "misclassified.png", data.test.images, test.y, preds)
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,42 @@
+"""DVC stage `train`: train the model chosen in params.yaml; write the checkpoint, metrics, history and TensorBoard logs."""
+
+import argparse
+import sys
+from pathlib import Path
+
+from fmnist import cli, params
+from fmnist.checkpoint import save_checkpoint
+from fmnist.data import load_processed
+from fmnist.engine import make_deterministic, resolve_device, to_device, train_run
+from fmnist.fileio import atomic_path, write_json
+from fmnist.tracking import RunManager
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data", default="data/processed")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--model", default="models/model.pt", help="checkpoint to write")
+    parser.add_argument("--metrics", default="metrics/train.json")
+    parser.add_argument("--history", default="metrics/train_history.csv", help="per-epoch DVC plot data")
+    parser.add_argument("--logdir", default="runs/train", help="TensorBoard log folder")
+    args = parser.parse_args()
+
+    p = params.train_params(params.load(args.params))  # every check before any work
+    make_deterministic()
+    device = resolve_device(p.device)
+    data = load_processed(args.data)
+    train, val = (to_device(s, data.mean, data.std, device) for s in (data.train, data.val))
+
+    logdir = Path(args.logdir)
+    manager = RunManager(log_root=logdir.parent)
+    model, metrics = train_run(p, train, val, manager, name=logdir.name, progress=sys.stderr.isatty())
+
+    save_checkpoint(args.model, model, p, data.mean, data.std)
+    write_json(args.metrics, metrics)
+    with atomic_path(args.history) as tmp:
+        manager.dataframe()[["epoch", "loss", "accuracy", "val_loss", "val_accuracy"]].to_csv(tmp, index=False)
+
+
+if __name__ == "__main__":
+    cli.run(main)

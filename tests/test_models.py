@@ -1,0 +1,38 @@
+import pytest
+import torch
+
+from fmnist.errors import ParamsError
+from fmnist.models import FastNet, Network, build_model, count_parameters
+
+
+def test_network_is_the_seeds_architecture():
+    net = Network()
+    assert count_parameters(net) == 32_672
+    assert (net.conv1.in_channels, net.conv1.out_channels, net.conv1.kernel_size) == (1, 5, (5, 5))
+    assert (net.conv2.in_channels, net.conv2.out_channels, net.conv2.kernel_size) == (5, 12, (5, 5))
+    assert [(l.in_features, l.out_features) for l in (net.fc1, net.fc2, net.out)] == [(192, 120), (120, 60), (60, 10)]
+
+
+@pytest.mark.parametrize("model", [Network(), FastNet(8)])
+def test_forward_returns_logits_not_probabilities(model):
+    out = model(torch.randn(4, 1, 28, 28))
+    assert out.shape == (4, 10)
+    assert not torch.allclose(out.sum(1), torch.ones(4))  # a softmax output would sum to one
+    assert (out < 0).any()
+
+
+def test_build_model_is_seeded_and_leaves_the_global_rng_alone():
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = build_model("network", seed=7)
+    after = torch.rand(1)
+    b = build_model("network", seed=7)
+    c = build_model("network", seed=8)
+    assert torch.equal(before, after)
+    assert torch.equal(a.conv1.weight, b.conv1.weight) and not torch.equal(a.conv1.weight, c.conv1.weight)
+
+
+def test_unknown_model_name_is_a_params_error():
+    with pytest.raises(ParamsError, match="model must be one of"):
+        build_model("vgg")
