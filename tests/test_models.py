@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fmnist.errors import ParamsError
 from fmnist.models import FastNet, Network, build_model, count_parameters
@@ -36,3 +37,25 @@ def test_build_model_is_seeded_and_leaves_the_global_rng_alone():
 def test_unknown_model_name_is_a_params_error():
     with pytest.raises(ParamsError, match="model must be one of"):
         build_model("vgg")
+
+
+def test_network_forward_and_gradients_equal_the_seeds_relu_then_pool_order():
+    net = build_model("network", seed=1)
+    x = torch.randn(16, 1, 28, 28)
+
+    def seed_forward(t):
+        t = F.max_pool2d(F.relu(net.conv1(t)), kernel_size=2, stride=2)
+        t = F.max_pool2d(F.relu(net.conv2(t)), kernel_size=2, stride=2)
+        t = F.relu(net.fc1(t.reshape(-1, 12 * 4 * 4)))
+        return net.out(F.relu(net.fc2(t)))
+
+    grads = []
+    for forward in (seed_forward, net):
+        net.zero_grad()
+        out = forward(x)
+        out.square().sum().backward()
+        grads.append((out.detach(), [p.grad.clone() for p in net.parameters()]))
+    (out_a, g_a), (out_b, g_b) = grads
+    assert torch.equal(out_a, out_b)
+    for a, b in zip(g_a, g_b):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -60,6 +60,11 @@ def to_device(split: Split, mean: float, std: float, device: torch.device) -> De
     return DeviceSplit(x.contiguous(memory_format=torch.channels_last), split.labels.to(device))
 
 
+def autocast(device: torch.device):
+    """bfloat16 autocast on CUDA (tensor cores, half the activation traffic); a no-op on the CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 def make_optimizer(model: nn.Module, p: TrainParams) -> torch.optim.Optimizer:
     if p.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
@@ -118,8 +123,9 @@ def train_one_epoch(
         if p.flip:  # mirror half the batch, on the device
             flip = torch.rand(len(idx), generator=generator, device=device) < 0.5
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-        logits = model(images)
-        loss = F.cross_entropy(logits, labels, label_smoothing=p.label_smoothing)
+        with autocast(device):
+            logits = model(images)
+            loss = F.cross_entropy(logits, labels, label_smoothing=p.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -140,10 +146,11 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1000, tta: bool
     out = []
     for start in range(0, len(x), batch_size):
         batch = x[start : start + batch_size]
-        logits = model(batch)
-        if tta:
-            logits = (logits + model(batch.flip(-1))) / 2
-        out.append(logits.float())
+        with autocast(x.device):
+            logits = model(batch).float()
+            if tta:
+                logits = (logits + model(batch.flip(-1)).float()) / 2
+        out.append(logits)
     return torch.cat(out)
 
 

@@ -1,0 +1,201 @@
+"""Training speed: the seed's DataLoader loop against the project's training path, in one process.
+
+    python bench/bench.py                 # throughput at batch sizes 100 and 1000, then time to accuracy
+    python bench/bench.py --no-accuracy   # throughput only (about a minute)
+
+Needs the pipeline's data/raw and data/processed (run `dvc repro transform` first). Prints
+training images per second for each path and their ratio, FLOPs per training image, the
+achieved GFLOP/s, a matrix-multiply GFLOP/s ceiling measured in the same run, and the time the
+default training (params.yaml) takes to reach 90% test accuracy beside the seed loop's best
+accuracy over the same number of epochs. ``--json FILE`` also writes the figures as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
+
+from fmnist import params
+from fmnist.data import load_processed
+from fmnist.engine import (
+    evaluate, make_deterministic, make_optimizer, make_scheduler, resolve_device, steps_per_epoch, to_device,
+    train_one_epoch,
+)
+from fmnist.models import build_model
+from fmnist.reference import seed_train_epoch, seed_train_set
+from fmnist.tracking import RunManager
+
+
+def matmul_ceiling(device: torch.device, n: int = 2048, reps: int = 10) -> float:
+    """GFLOP/s of a large float32 matrix multiply: the practical arithmetic limit of the device."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def flops_per_image(model_name: str, device: torch.device, batch: int = 100) -> float:
+    """Floating-point operations of one training step (forward and backward), per image."""
+    model = build_model(model_name).to(device)
+    x = torch.randn(batch, 1, 28, 28, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(x), y).backward()
+    return counter.get_total_flops() / batch
+
+
+def seed_images_per_second(train_set, batch_size: int, epochs: int) -> float:
+    model = build_model("network")
+    loader = DataLoader(train_set, batch_size=batch_size, shuffle=True)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    start = time.perf_counter()
+    for _ in range(epochs):
+        seed_train_epoch(model, loader, opt)
+    return epochs * len(train_set) / (time.perf_counter() - start)
+
+
+def project_images_per_second(train, batch_size: int, epochs: int, device: torch.device) -> float:
+    p = params.train_params({}, model="network", optimizer="adam", lr=0.01, weight_decay=0.0, batch_size=batch_size,
+                            schedule="constant", epochs=epochs)
+    model = build_model("network").to(device, memory_format=torch.channels_last)
+    opt = make_optimizer(model, p)
+    gen = torch.Generator(device=device).manual_seed(0)
+    manager = RunManager(stream=io.StringIO())
+    manager.begin_run(None, model, name="bench")
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(epochs):
+        manager.begin_epoch()
+        train_one_epoch(model, train, opt, None, p, gen, manager)
+        manager.end_epoch()
+    sync(device)
+    return epochs * len(train) / (time.perf_counter() - start)
+
+
+def project_time_to_accuracy(p, train, test, device, target: float) -> dict:
+    """Train with ``p``; after each epoch measure test accuracy (not timed). Training seconds to ``target``."""
+    model = build_model(p.model, p.width, p.seed).to(device, memory_format=torch.channels_last)
+    opt = make_optimizer(model, p)
+    sched = make_scheduler(opt, p, steps_per_epoch(len(train), p.batch_size))
+    gen = torch.Generator(device=device).manual_seed(p.seed)
+    manager = RunManager(stream=io.StringIO())
+    manager.begin_run(None, model, name="bench")
+    elapsed, reached, history = 0.0, None, []
+    for epoch in range(1, p.epochs + 1):
+        sync(device)
+        start = time.perf_counter()
+        manager.begin_epoch()
+        train_one_epoch(model, train, opt, sched, p, gen, manager)
+        sync(device)
+        elapsed += time.perf_counter() - start
+        manager.end_epoch()
+        acc = evaluate(model, test, tta=p.tta)[1]
+        history.append((epoch, elapsed, acc))
+        if reached is None and acc >= target:
+            reached = {"epoch": epoch, "seconds": elapsed, "accuracy": acc}
+    return {"reached": reached, "final_accuracy": history[-1][2], "seconds": elapsed, "history": history}
+
+
+def seed_best_accuracy(train_set, test, epochs: int, batch_size: int) -> dict:
+    """The tutorial's settings (Adam, lr 0.01, no schedule) over ``epochs``: best test accuracy and time."""
+    model = build_model("network")
+    loader = DataLoader(train_set, batch_size=batch_size, shuffle=True)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    elapsed, best = 0.0, 0.0
+    for _ in range(epochs):
+        start = time.perf_counter()
+        seed_train_epoch(model, loader, opt)
+        elapsed += time.perf_counter() - start
+        best = max(best, evaluate(model, test)[1])
+    return {"best_accuracy": best, "seconds": elapsed}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--raw", default="data/raw")
+    parser.add_argument("--data", default="data/processed")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[100, 1000])
+    parser.add_argument("--epochs", type=int, default=1, help="timed epochs per throughput measurement")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--no-accuracy", action="store_true", help="skip the time-to-accuracy runs")
+    parser.add_argument("--target", type=float, default=0.90)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+
+    make_deterministic()
+    device = resolve_device(args.device)
+    data = load_processed(args.data)
+    train = to_device(data.train, data.mean, data.std, device)
+    results: dict = {
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+                   + (torch.cuda.get_device_name() if device.type == "cuda" else "CPU"),
+        "torch": torch.__version__,
+    }
+    print(f"machine: {results['machine']}; torch {torch.__version__}", flush=True)
+
+    ceiling = matmul_ceiling(device)
+    flops = flops_per_image("network", device)
+    results.update(matmul_gflops=ceiling, flops_per_image=flops, throughput=[])
+    print(f"matmul ceiling: {ceiling:.0f} GFLOP/s; seed Network: {flops / 1e6:.2f} MFLOP per training image")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        seed_set = seed_train_set(args.raw, tmp)
+        print(f"\n{'batch':>6} {'seed loop img/s':>16} {'project img/s':>14} {'ratio':>6} {'GFLOP/s':>8} {'% of ceiling':>13}")
+        for bs in args.batch_sizes:
+            seed = seed_images_per_second(seed_set, bs, args.epochs) if device.type == "cpu" else float("nan")
+            project_images_per_second(train, bs, 1, device) if device.type == "cuda" else None  # warm-up
+            ours = project_images_per_second(train, bs, args.epochs, device)
+            gflops = ours * flops / 1e9
+            results["throughput"].append({"batch_size": bs, "seed": seed, "project": ours, "ratio": ours / seed,
+                                          "gflops": gflops})
+            print(f"{bs:>6} {seed:>16,.0f} {ours:>14,.0f} {ours / seed:>5.1f}x {gflops:>8.1f} {gflops / ceiling:>12.1%}",
+                  flush=True)
+
+        if not args.no_accuracy:
+            p = params.train_params(params.load(args.params))
+            test = to_device(data.test, data.mean, data.std, device)
+            ours = project_time_to_accuracy(p, train, test, device, args.target)
+            results["time_to_accuracy"] = {"params": {k: getattr(p, k) for k in ("model", "optimizer", "lr",
+                                           "batch_size", "epochs", "weight_decay")}, **ours}
+            r = ours["reached"]
+            print(f"\nproject, params.yaml ({p.model}, {p.optimizer} lr {p.lr}, batch {p.batch_size}, "
+                  f"{p.epochs} epochs): final test accuracy {ours['final_accuracy']:.2%} after {ours['seconds']:.1f} s "
+                  "of training; " + (f"{args.target:.0%} reached at epoch {r['epoch']}, {r['seconds']:.1f} s"
+                                     if r else f"{args.target:.0%} not reached"), flush=True)
+            if device.type == "cpu":
+                seed = seed_best_accuracy(seed_set, test_unnormalised(data, device), p.epochs, 100)
+                results["seed_accuracy"] = seed
+                print(f"seed loop (Adam lr 0.01, batch 100, {p.epochs} epochs): best test accuracy "
+                      f"{seed['best_accuracy']:.2%}, {seed['seconds']:.1f} s of training")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def test_unnormalised(data, device):
+    """The test split as the seed sees it: ToTensor's [0, 1] pixels, no normalisation."""
+    return to_device(data.test, 0.0, 1.0, device)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

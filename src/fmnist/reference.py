@@ -1,0 +1,55 @@
+"""The tutorial's way, kept as the baseline that benchmarks and equivalence tests measure against.
+
+torchvision's ``FashionMNIST`` with ``ToTensor()``, a ``DataLoader``, and the seed's loop: per
+batch, forward, ``cross_entropy``, ``loss.item()``, ``zero_grad``, ``backward``, ``step`` and a
+count of correct predictions. The only change is that the model returns logits (see models.py).
+"""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+
+def torchvision_root(raw_dir: str | Path, root: str | Path) -> Path:
+    """Lay the raw .gz files out as torchvision's ``FashionMNIST(root, download=False)`` expects."""
+    dest = Path(root) / "FashionMNIST" / "raw"
+    dest.mkdir(parents=True, exist_ok=True)
+    for gz in Path(raw_dir).glob("*.gz"):
+        out = dest / gz.name.removesuffix(".gz")
+        if not out.exists():
+            with gzip.open(gz, "rb") as src, open(out, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    return Path(root)
+
+
+def seed_train_set(raw_dir: str | Path, root: str | Path):
+    """The tutorial's Extract/Transform: torchvision ``FashionMNIST`` with ``ToTensor()``."""
+    import torchvision
+
+    return torchvision.datasets.FashionMNIST(
+        torchvision_root(raw_dir, root), train=True, download=False,
+        transform=torchvision.transforms.Compose([torchvision.transforms.ToTensor()]),
+    )
+
+
+def seed_train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer) -> tuple[float, int]:
+    """One epoch of the seed's loop; returns (mean loss over samples, correct predictions)."""
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    for images, labels in loader:
+        preds = model(images)
+        loss = F.cross_entropy(preds, labels)
+        total_loss += loss.item() * len(labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        correct += preds.argmax(dim=1).eq(labels).sum().item()
+        seen += len(labels)
+    return total_loss / seen, correct
