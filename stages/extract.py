@@ -15,6 +15,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per network read")
     parser.add_argument("--retries", type=int, default=3, help="attempts per URL")
     args = parser.parse_args()
+    if args.timeout <= 0 or args.retries < 1:
+        parser.error("--timeout must be positive and --retries at least 1")
     extract(args.out, sources_from_env(), timeout=args.timeout, retries=args.retries)
 
 

@@ -26,10 +26,7 @@ def main() -> None:
 
     raw = params.load(args.params)
     runs = RunBuilder.get_runs(params.sweep_grid(raw))
-    # A sweep is self-contained: keys it does not list take their defaults, not the top-level
-    # values, so `dvc exp run -S lr=...` retrains the model without rerunning the whole grid.
-    base = {"device": raw.get("device", "auto")}
-    configs = [params.train_params(base, **run._asdict()) for run in runs]  # all checked before run 1
+    configs = params.sweep_runs(raw, runs)  # every run checked before the first starts
     make_deterministic()
     device = resolve_device(configs[0].device)
     data = load_processed(args.data)

@@ -1,5 +1,6 @@
 import gzip
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -142,3 +143,21 @@ def test_tabular_dataset_splits_features_and_integer_target():
 def test_tabular_dataset_rejects_wrong_shapes_and_fractional_targets(bad):
     with pytest.raises(ValueError):
         TabularDataset(bad)
+
+
+@pytest.mark.parametrize("meta, expected", [("{not json", "not valid transform metadata"),
+                                            ('{"std": 0.3}', "not valid transform metadata")])
+def test_corrupt_processed_metadata_is_a_one_line_error(processed_small, tmp_path, meta, expected):
+    broken = tmp_path / "processed"
+    shutil.copytree(processed_small, broken)
+    (broken / "meta.json").write_text(meta)
+    with pytest.raises(DataError, match=expected):
+        load_processed(broken)
+
+
+def test_truncated_array_is_a_one_line_error(processed_small, tmp_path):
+    broken = tmp_path / "processed"
+    shutil.copytree(processed_small, broken)
+    (broken / "test_labels.npy").write_bytes(b"")
+    with pytest.raises(DataError, match="test_labels.npy: not a valid .npy file"):
+        load_processed(broken)

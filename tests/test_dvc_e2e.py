@@ -17,8 +17,11 @@ pytestmark = pytest.mark.e2e
 SMALL = {"data": {"val_size": 500, "train_size": 2000, "split_seed": 0}, "epochs": 2, "batch_size": 100}
 
 
+ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+
 def sh(cwd: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = ENV
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
@@ -43,7 +46,7 @@ def repo(mirror, tmp_path_factory) -> Path:
             shutil.copy2(ROOT / rel, dest / rel)
     (dest / "dvc.lock").unlink(missing_ok=True)
     set_params(dest, **SMALL, sweep={"lr": [0.01, 0.02], "batch_size": [100], "epochs": [1]})
-    os.environ["FMNIST_MIRROR"] = str(mirror)
+    ENV["FMNIST_MIRROR"] = str(mirror)
     sh(dest, "git", "init", "-q")
     sh(dest, "git", "config", "user.email", "e2e@example.com")
     sh(dest, "git", "config", "user.name", "e2e")
@@ -81,7 +84,7 @@ def test_exp_run_with_a_new_lr_reruns_train_and_evaluate_only_and_diffs_show_it(
     assert old_lr != 0.02
     out = sh(repo, "dvc", "exp", "run", "-S", "lr=0.02").stdout
     assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out
-    for stage in ("extract", "transform"):
+    for stage in ("extract", "transform", "sweep"):
         assert f"Running stage '{stage}'" not in out
     assert yaml.safe_load((repo / "params.yaml").read_text())["lr"] == 0.02
 
@@ -127,8 +130,8 @@ def test_dvc_queue_runs_a_grid_that_exp_show_lists(repo, reproduced):
         time.sleep(3)
     assert status.count("Success") == 4, status
     show = pd.read_csv(__import__("io").StringIO(sh(repo, "dvc", "exp", "show", "--csv").stdout))
-    exps = show[show["typ"].str.startswith("branch")]  # the queued four, plus the earlier `-S lr=0.02` one
+    exps = show[show["typ"].str.startswith("branch")]  # may also hold experiments run before this test
     grid = {(0.01, 100), (0.01, 1000), (0.02, 100), (0.02, 1000)}
     queued = exps[[pair in grid for pair in zip(exps["lr"], exps["batch_size"])]]
-    assert set(zip(queued["lr"], queued["batch_size"])) == grid and len(exps) == 5
+    assert set(zip(queued["lr"], queued["batch_size"])) == grid
     assert queued["test_accuracy"].notna().all()

@@ -22,6 +22,7 @@ def test_one_epoch_matches_the_seed_loop_given_the_same_weights_and_batch_order(
     data = load_processed(processed_small)
     model = build_model("network", seed=0)
     seed_model = copy.deepcopy(model)
+    model = model.to(memory_format=torch.channels_last)  # as train_run does
 
     # the project's path: data on the device, batches as slices of a seeded permutation
     train = to_device(data.train, data.mean, data.std, torch.device("cpu"))

@@ -164,3 +164,31 @@ def test_stage_reports_bad_mirror_as_one_line_and_exit_1(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [f"error: FMNIST_MIRROR={tmp_path / 'missing'}: no such folder (give a folder or an http(s):// URL base)"]
     assert not out.exists()
+
+
+def test_a_download_cut_short_is_retried(mirror, tmp_path):
+    """A server that closes the connection early on the first request: the retry gets the whole file."""
+    calls = {"n": 0}
+
+    class Short(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            calls["n"] += 1
+            body = (mirror / self.path.lstrip("/")).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body if calls["n"] > 1 else body[: len(body) // 2])
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Short)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/"
+        extract(tmp_path / "raw", [Source(url)], retries=2, backoff=0)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert calls["n"] == 5  # one short answer, then the four files
+    assert all((tmp_path / "raw" / f).read_bytes() == (mirror / f).read_bytes() for f in FILES)

@@ -53,8 +53,7 @@ def test_bad_sweep_fails_before_any_run_starts(tmp_path, processed_small):
 
 
 def test_sweep_writes_rows_best_run_and_tensorboard_per_run(tmp_path, processed_small):
-    # top-level training keys do not leak into the sweep: lr=0.5 or epochs=9 would change every row
-    proc = run_sweep(tmp_path, processed_small, {"lr": [0.01, 0.001], "epochs": [1, 2]}, lr=0.5, epochs=9)
+    proc = run_sweep(tmp_path, processed_small, {"lr": [0.01, 0.001], "epochs": [1, 2]})
     assert proc.returncode == 0, proc.stderr
     df = pd.read_csv(tmp_path / "metrics" / "sweep.csv")
     assert len(df) == 1 + 2 + 1 + 2  # one row per run and epoch
@@ -76,4 +75,18 @@ def test_sweep_writes_rows_best_run_and_tensorboard_per_run(tmp_path, processed_
     assert acc.Scalars("hparam/val_accuracy")[0].value == pytest.approx(finals.loc[2, "val_accuracy"])
     assert "conv1.weight.grad" in acc.Tags()["histograms"]
     assert "_hparams_/session_start_info" in acc.PluginTagToContent("hparams")
-    assert "lr=0.01,epochs=2" in proc.stderr  # the live table names each run
+    table = [line.split() for line in proc.stderr.splitlines() if line.endswith("  lr=0.01,epochs=2")]
+    assert [row[:2] for row in table] == [["2", "1"], ["2", "2"]]  # the live table: a row per epoch
+
+
+def test_sweep_runs_take_grid_values_over_defaults_and_only_device_from_the_top_level():
+    from fmnist.tracking import RunBuilder
+
+    raw = {"lr": 0.5, "optimizer": "adam", "batch_size": 7, "device": "cpu",
+           "sweep": {"lr": [0.01, 0.02], "epochs": [3]}}
+    runs = RunBuilder.get_runs(params.sweep_grid(raw))
+    configs = params.sweep_runs(raw, runs)
+    defaults = params.TrainParams()
+    assert [(c.lr, c.epochs) for c in configs] == [(0.01, 3), (0.02, 3)]
+    assert all(c.optimizer == defaults.optimizer and c.batch_size == defaults.batch_size for c in configs)
+    assert all(c.device == "cpu" for c in configs)

@@ -11,7 +11,7 @@ from torch import nn
 from .errors import DataError
 from .fileio import atomic_path
 from .models import build_model
-from .params import TrainParams
+from .params import EVAL_ONLY_KEYS, TrainParams
 
 FORMAT = 1
 
@@ -22,12 +22,12 @@ def save_checkpoint(path: str | Path, model: nn.Module, p: TrainParams, mean: fl
         "format": FORMAT,
         "model": p.model,
         "width": p.width,
-        "params": dataclasses.asdict(p),
+        "params": {k: v for k, v in dataclasses.asdict(p).items() if k not in EVAL_ONLY_KEYS},
         "normalize": {"mean": mean, "std": std},
         "state_dict": state,
     }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(payload, f)  # a file object, not a path: the archive's folder name is then fixed
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
@@ -41,7 +41,10 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
         raise DataError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise DataError(f"{path}: not a checkpoint written by this project (format {FORMAT})")
-    model = build_model(payload["model"], payload["width"])
-    model.load_state_dict(payload["state_dict"])
+    try:
+        model = build_model(payload["model"], payload["width"])
+        model.load_state_dict(payload["state_dict"])
+    except (KeyError, RuntimeError) as e:
+        raise DataError(f"{path}: checkpoint does not match its model ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     model.to(device).eval()
     return model, {k: v for k, v in payload.items() if k != "state_dict"}

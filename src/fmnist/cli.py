@@ -18,5 +18,5 @@ def run(main: Callable[[], object]) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        print("interrupted; no output was written", file=sys.stderr)
+        print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -141,16 +141,19 @@ def _load(path: Path) -> np.ndarray:
         return np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found (run the transform stage first)") from None
-    except ValueError as e:
-        raise DataError(f"{path}: not a valid .npy file ({e})") from None
+    except (ValueError, EOFError, OSError) as e:
+        raise DataError(f"{path}: not a valid .npy file ({type(e).__name__}: {e})") from None
 
 
 def load_processed(proc_dir: str | Path) -> Processed:
     proc_dir = Path(proc_dir)
     try:
         meta = json.loads((proc_dir / "meta.json").read_text())
+        mean, std = float(meta["mean"]), float(meta["std"])
     except FileNotFoundError:
         raise DataError(f"{proc_dir / 'meta.json'}: file not found (run the transform stage first)") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{proc_dir / 'meta.json'}: not valid transform metadata ({type(e).__name__}: {e})") from None
     arrays = {n: torch.from_numpy(_load(proc_dir / f"{n}.npy")) for n in (
         "train_images", "train_labels", "test_images", "test_labels", "train_idx", "val_idx")}
     full_x, full_y = arrays["train_images"], arrays["train_labels"]
@@ -158,8 +161,8 @@ def load_processed(proc_dir: str | Path) -> Processed:
         train=Split(full_x[arrays["train_idx"]], full_y[arrays["train_idx"]]),
         val=Split(full_x[arrays["val_idx"]], full_y[arrays["val_idx"]]),
         test=Split(arrays["test_images"], arrays["test_labels"]),
-        mean=meta["mean"],
-        std=meta["std"],
+        mean=mean,
+        std=std,
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import logging
 import os
 import shutil
@@ -102,10 +103,15 @@ def _progress(total: int | None, name: str):
 def _download(url: str, dest: Path, timeout: float) -> None:
     with urllib.request.urlopen(url, timeout=timeout) as resp, open(dest, "wb") as out:
         total = resp.headers.get("Content-Length")
-        with _progress(int(total) if total else None, dest.name) as bar:
+        total = int(total) if total else None
+        written = 0
+        with _progress(total, dest.name) as bar:
             while chunk := resp.read(1 << 16):
                 out.write(chunk)
+                written += len(chunk)
                 bar.update(len(chunk))
+    if total is not None and written != total:  # the connection closed early: worth another try
+        raise ConnectionError(f"connection closed after {written} of {total} bytes")
 
 
 def fetch_one(source: Source, name: str, dest: Path, *, timeout: float, retries: int, backoff: float) -> None:
@@ -117,7 +123,8 @@ def fetch_one(source: Source, name: str, dest: Path, *, timeout: float, retries:
         shutil.copyfile(src, dest)
         return
     url = source.describe(name)
-    for attempt in range(1, retries + 1):
+    reason = "no attempt made"
+    for attempt in range(1, max(retries, 1) + 1):
         try:
             _download(url, dest, timeout)
             return
@@ -125,7 +132,7 @@ def fetch_one(source: Source, name: str, dest: Path, *, timeout: float, retries:
             if e.code < 500:  # 404 and friends will not change on retry
                 raise SourceError(f"{name}: {url} answered HTTP {e.code} {e.reason}") from None
             reason = f"HTTP {e.code} {e.reason}"
-        except (urllib.error.URLError, OSError, TimeoutError) as e:
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
             reason = str(getattr(e, "reason", e)) or type(e).__name__
         if attempt < retries:
             wait = backoff * 2 ** (attempt - 1)

@@ -52,7 +52,7 @@ class TrainParams:
     """Training hyperparameters, the top level of params.yaml."""
 
     model: str = _spec("network", str, f"one of {', '.join(MODELS)}", lambda v: v in MODELS)
-    width: int = _spec(32, int, "a positive integer (channels of fastnet's first block)", _positive)
+    width: int = _spec(16, int, "a positive integer (channels of fastnet's first block)", _positive)
     lr: float = _spec(0.05, float, "a positive number", _positive)
     batch_size: int = _spec(100, int, "a positive integer", _positive)
     epochs: int = _spec(15, int, "a positive integer", _positive)
@@ -140,6 +140,16 @@ def train_params(raw: Mapping[str, Any], **overrides: Any) -> TrainParams:
     values = {k: v for k, v in raw.items() if k in TRAIN_KEYS}
     values.update(overrides)
     return _build(TrainParams, values)
+
+
+def sweep_runs(raw: Mapping[str, Any], runs: list) -> list[TrainParams]:
+    """The training parameters of each sweep run: its grid values over the built-in defaults.
+
+    A sweep is self-contained: only ``device`` comes from the top level, so editing a top-level
+    training key (``dvc exp run -S lr=...``) neither changes nor reruns the sweep.
+    """
+    base = {"device": raw["device"]} if "device" in raw else {}
+    return [train_params(base, **run._asdict()) for run in runs]
 
 
 def sweep_grid(raw: Mapping[str, Any]) -> dict[str, list]:
