@@ -11,7 +11,7 @@ import sys
 from fmnist import cli, params
 from fmnist.data import load_processed
 from fmnist.engine import make_deterministic, resolve_device, to_device, train_run
-from fmnist.fileio import write_json
+from fmnist.fileio import atomic_dir, write_json
 from fmnist.tracking import RunBuilder, RunManager, run_name
 
 
@@ -32,12 +32,13 @@ def main() -> None:
     data = load_processed(args.data)
     train, val = (to_device(s, data.mean, data.std, device) for s in (data.train, data.val))
 
-    manager = RunManager(log_root=args.logdir)
     finals = []
-    for i, (run, p) in enumerate(zip(runs, configs), 1):
-        print(f"sweep run {i}/{len(runs)}: {run_name(run)}", file=sys.stderr, flush=True)
-        _, metrics = train_run(p, train, val, manager, run=run, progress=sys.stderr.isatty())
-        finals.append({"run": i, "name": run_name(run), **metrics, "params": run._asdict()})
+    with atomic_dir(args.logdir) as staging:  # runs/sweep appears whole once every run has finished
+        manager = RunManager(log_root=staging)
+        for i, (run, p) in enumerate(zip(runs, configs), 1):
+            print(f"sweep run {i}/{len(runs)}: {run_name(run)}", file=sys.stderr, flush=True)
+            _, metrics = train_run(p, train, val, manager, run=run, progress=sys.stderr.isatty())
+            finals.append({"run": i, "name": run_name(run), **metrics, "params": run._asdict()})
     manager.save(args.results)
     write_json(args.best, max(finals, key=lambda f: f["val_accuracy"]))
 

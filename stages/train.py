@@ -8,7 +8,7 @@ from fmnist import cli, params
 from fmnist.checkpoint import save_checkpoint
 from fmnist.data import load_processed
 from fmnist.engine import make_deterministic, resolve_device, to_device, train_run
-from fmnist.fileio import atomic_path, write_json
+from fmnist.fileio import atomic_dir, atomic_path, write_json
 from fmnist.tracking import RunManager
 
 
@@ -28,9 +28,12 @@ def main() -> None:
     data = load_processed(args.data)
     train, val = (to_device(s, data.mean, data.std, device) for s in (data.train, data.val))
 
-    logdir = Path(args.logdir)
-    manager = RunManager(log_root=logdir.parent)
-    model, metrics = train_run(p, train, val, manager, name=logdir.name, progress=sys.stderr.isatty())
+    manager = RunManager()
+    # TensorBoard follows the run live in a hidden staging folder beside runs/train, which takes
+    # its place only when training has finished: a failed run leaves no partial log behind.
+    with atomic_dir(args.logdir) as staging:
+        model, metrics = train_run(p, train, val, manager, name=Path(args.logdir).name, log_dir=staging,
+                                   progress=sys.stderr.isatty())
 
     save_checkpoint(args.model, model, p, data.mean, data.std)
     write_json(args.metrics, metrics)

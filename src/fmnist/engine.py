@@ -196,6 +196,7 @@ def train_run(
     run=None,
     name: str | None = None,
     progress: bool = False,
+    log_dir=None,
 ) -> tuple[nn.Module, dict]:
     """Build ``p.model`` from ``p.seed``, train it with :func:`fit` and close the run in ``manager``.
 
@@ -207,7 +208,7 @@ def train_run(
     model = build_model(p.model, p.width, p.seed).to(train.x.device, memory_format=torch.channels_last)
     if run is None:
         run = _params_tuple(p)
-    manager.begin_run(run, model, name=name, example=train.x[:64])
+    manager.begin_run(run, model, name=name, example=train.x[:64], log_dir=log_dir)
     start = time.perf_counter()
     rows = fit(model, train, val, p, manager, progress=progress)
     last = rows[-1]

@@ -64,19 +64,27 @@ class RunManager:
         self.epoch_samples = 0
 
     # -- runs -----------------------------------------------------------------------------
-    def begin_run(self, run, network: nn.Module, name: str | None = None, example: torch.Tensor | None = None) -> None:
-        """Start recording ``run`` (a named tuple) of ``network``; ``example`` (a batch) draws the graph and an image grid."""
+    def begin_run(
+        self, run, network: nn.Module, name: str | None = None, example: torch.Tensor | None = None,
+        log_dir: str | Path | None = None,
+    ) -> None:
+        """Start recording ``run`` (a named tuple) of ``network``; ``example`` (a batch) draws the graph and an image grid.
+
+        TensorBoard writes to ``log_dir`` if given, else to ``log_root/<name>``.
+        """
         self.run_start_time = time.perf_counter()
         self.run_params = run
         self.run_count += 1
         self.network = network
         self.epoch_count = 0
         self.run_name = name or run_name(run)
-        if self.log_root is not None:
+        if log_dir is None and self.log_root is not None:
+            log_dir = self.log_root / self.run_name
+        if log_dir is not None:
             from torch.utils.tensorboard import SummaryWriter  # heavy import, only when logging
             from torchvision.utils import make_grid
 
-            self.tb = SummaryWriter(log_dir=str(self.log_root / self.run_name))
+            self.tb = SummaryWriter(log_dir=str(log_dir))
             if example is not None:
                 grid = make_grid(example[:64].float().cpu(), nrow=8, normalize=True)
                 self.tb.add_image("images", grid)
