@@ -28,10 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fmnist import params
 from fmnist.data import load_processed
-from fmnist.engine import (
-    evaluate, make_deterministic, make_optimizer, make_scheduler, resolve_device, steps_per_epoch, to_device,
-    train_one_epoch,
-)
+from fmnist.engine import evaluate, make_deterministic, resolve_device, to_device, train_one_epoch, training_state
 from fmnist.models import build_model
 from fmnist.reference import seed_train_epoch, seed_train_set
 from fmnist.tracking import RunManager
@@ -79,8 +76,7 @@ def project_images_per_second(train, batch_size: int, epochs: int, device: torch
     p = params.train_params({}, model="network", optimizer="adam", lr=0.01, weight_decay=0.0, batch_size=batch_size,
                             schedule="constant", epochs=epochs)
     model = build_model("network").to(device, memory_format=torch.channels_last)
-    opt = make_optimizer(model, p)
-    gen = torch.Generator(device=device).manual_seed(0)
+    opt, _, gen = training_state(model, p, len(train), device)  # constant schedule: no scheduler
     manager = RunManager(stream=io.StringIO())
     manager.begin_run(None, model, name="bench")
     sync(device)
@@ -102,9 +98,7 @@ def warm_up(train, batch_size: int, device: torch.device, steps: int = 20) -> No
 def project_time_to_accuracy(p, train, test, device, target: float) -> dict:
     """Train with ``p``; after each epoch measure test accuracy (not timed). Training seconds to ``target``."""
     model = build_model(p.model, p.width, p.seed).to(device, memory_format=torch.channels_last)
-    opt = make_optimizer(model, p)
-    sched = make_scheduler(opt, p, steps_per_epoch(len(train), p.batch_size))
-    gen = torch.Generator(device=device).manual_seed(p.seed)
+    opt, sched, gen = training_state(model, p, len(train), device)
     manager = RunManager(stream=io.StringIO())
     manager.begin_run(None, model, name="bench")
     elapsed, reached, history = 0.0, None, []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
@@ -11,7 +10,7 @@ from torch import nn
 from .errors import DataError
 from .fileio import atomic_path
 from .models import build_model
-from .params import EVAL_ONLY_KEYS, TrainParams
+from .params import TrainParams, training_values
 
 FORMAT = 1
 
@@ -22,7 +21,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, p: TrainParams, mean: fl
         "format": FORMAT,
         "model": p.model,
         "width": p.width,
-        "params": {k: v for k, v in dataclasses.asdict(p).items() if k not in EVAL_ONLY_KEYS},
+        "params": training_values(p),
         "normalize": {"mean": mean, "std": std},
         "state_dict": state,
     }

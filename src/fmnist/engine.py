@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from .data import Split
 from .errors import ParamsError
-from .params import EVAL_ONLY_KEYS, TrainParams
+from .params import TrainParams, training_values
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,13 @@ def make_scheduler(opt: torch.optim.Optimizer, p: TrainParams, steps_per_epoch: 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
     return -(-n // batch_size)
+
+
+def training_state(model: nn.Module, p: TrainParams, n_train: int, device: torch.device):
+    """(optimizer, scheduler or None, seeded batch-order generator) for training ``model`` on ``n_train`` images."""
+    optimizer = make_optimizer(model, p)
+    scheduler = make_scheduler(optimizer, p, steps_per_epoch(n_train, p.batch_size))
+    return optimizer, scheduler, torch.Generator(device=device).manual_seed(p.seed)
 
 
 def train_one_epoch(
@@ -177,9 +184,7 @@ def fit(
 
     Returns the manager's rows for this run (one per epoch).
     """
-    optimizer = make_optimizer(model, p)
-    scheduler = make_scheduler(optimizer, p, steps_per_epoch(len(train), p.batch_size))
-    generator = torch.Generator(device=train.x.device).manual_seed(p.seed)
+    optimizer, scheduler, generator = training_state(model, p, len(train), train.x.device)
     for _ in range(p.epochs):
         manager.begin_epoch()
         train_one_epoch(model, train, optimizer, scheduler, p, generator, manager, progress)
@@ -216,8 +221,7 @@ def train_run(
         "train_loss": last["loss"], "train_accuracy": last["accuracy"],
         "val_loss": last["val_loss"], "val_accuracy": last["val_accuracy"],
     }
-    hparams = {k: v for k, v in dataclasses.asdict(p).items() if k not in EVAL_ONLY_KEYS}
-    manager.end_run(hparams=hparams, metrics=metrics)
+    manager.end_run(hparams=training_values(p), metrics=metrics)
     seconds = time.perf_counter() - start
     log.info("%s: %d epochs in %.1f s (%.0f images/s), val accuracy %.2f%%", manager.run_name, p.epochs, seconds,
              p.epochs * len(train) / seconds, 100 * metrics["val_accuracy"])

@@ -142,6 +142,11 @@ def train_params(raw: Mapping[str, Any], **overrides: Any) -> TrainParams:
     return _build(TrainParams, values)
 
 
+def training_values(p: TrainParams) -> dict[str, Any]:
+    """``p`` as a dict without the evaluate-only keys: what a trained model depends on."""
+    return {k: v for k, v in dataclasses.asdict(p).items() if k not in EVAL_ONLY_KEYS}
+
+
 def sweep_runs(raw: Mapping[str, Any], runs: list) -> list[TrainParams]:
     """The training parameters of each sweep run: its grid values over the built-in defaults.
 
