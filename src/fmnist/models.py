@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ParamsError
+from .kernels import conv_pool_relu
 
 
 class Network(nn.Module):
@@ -28,38 +29,42 @@ class Network(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         # The seed applies ReLU, then pools. ReLU is monotonic, so pooling first gives the same values
-        # and routes the same gradients (to the window's maximum, or nowhere when it is <= 0), and
-        # the ReLU then touches a quarter of the elements: about 5% faster per training step on a CPU.
-        t = F.relu(F.max_pool2d(self.conv1(t), kernel_size=2, stride=2))
-        t = F.relu(F.max_pool2d(self.conv2(t), kernel_size=2, stride=2))
+        # and routes the same gradients (to the window's maximum, or nowhere when it is <= 0). On the
+        # CPU conv, pool and ReLU run as one C kernel (fmnist.kernels); elsewhere as PyTorch's layers.
+        t = conv_pool_relu(t, self.conv1)
+        t = conv_pool_relu(t, self.conv2)
         t = t.flatten(1)
         t = F.relu(self.fc1(t))
         t = F.relu(self.fc2(t))
         return self.out(t)  # logits: no softmax here (see the module docstring)
 
 
-def _block(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False),
-        nn.BatchNorm2d(c_out),
-        nn.ReLU(inplace=True),
-    )
+def _block(c_in: int, c_out: int, pool: bool = False) -> nn.Sequential:
+    """3x3 convolution, then (if ``pool``) 2x2 max-pooling, then BatchNorm and ReLU.
+
+    Pooling straight after the convolution lets BatchNorm and ReLU (memory-bound on a CPU) work
+    on a quarter of the values: at width 16 this makes a training step about 1.5x as fast.
+    """
+    layers = [nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False)]
+    if pool:
+        layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers, nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
 
 
 class FastNet(nn.Module):
     """A BatchNorm CNN for accuracy per second: 3x3 conv-BN-ReLU blocks of ``width``, 2x, 2x, 4x channels.
 
-    Max-pooling takes 28 -> 14 (after block 1) -> 7 (after block 3) -> 3 (after block 4), then
-    global max-pooling and one linear layer.
+    Blocks 1, 3 and 4 max-pool their convolution's output (28 -> 14 -> 7 -> 3), then global
+    max-pooling and one linear layer.
     """
 
     def __init__(self, width: int = 16):
         super().__init__()
         w = width
         self.features = nn.Sequential(
-            _block(1, w), nn.MaxPool2d(2),
-            _block(w, 2 * w), _block(2 * w, 2 * w), nn.MaxPool2d(2),
-            _block(2 * w, 4 * w), nn.MaxPool2d(2),
+            _block(1, w, pool=True),
+            _block(w, 2 * w), _block(2 * w, 2 * w, pool=True),
+            _block(2 * w, 4 * w, pool=True),
             nn.AdaptiveMaxPool2d(1), nn.Flatten(),
         )
         self.head = nn.Linear(4 * w, 10, bias=False)

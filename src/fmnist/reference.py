@@ -1,8 +1,9 @@
 """The tutorial's way, kept as the baseline that benchmarks and equivalence tests measure against.
 
-torchvision's ``FashionMNIST`` with ``ToTensor()``, a ``DataLoader``, and the seed's loop: per
-batch, forward, ``cross_entropy``, ``loss.item()``, ``zero_grad``, ``backward``, ``step`` and a
-count of correct predictions. The only change is that the model returns logits (see models.py).
+torchvision's ``FashionMNIST`` with ``ToTensor()``, a ``DataLoader``, the seed's ``Network`` on
+PyTorch's layers, and the seed's loop: per batch, forward, ``cross_entropy``, ``loss.item()``,
+``zero_grad``, ``backward``, ``step`` and a count of correct predictions. The only change is that
+the model returns logits (see models.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,38 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
+
+
+class SeedNetwork(nn.Module):
+    """The tutorial's ``Network`` as written (ReLU, then pool; PyTorch's layers), returning logits.
+
+    Its parameters have the names and shapes of :class:`fmnist.models.Network`, so either loads
+    the other's ``state_dict``.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels=1, out_channels=5, kernel_size=5)
+        self.conv2 = nn.Conv2d(in_channels=5, out_channels=12, kernel_size=5)
+        self.fc1 = nn.Linear(in_features=12 * 4 * 4, out_features=120)
+        self.fc2 = nn.Linear(in_features=120, out_features=60)
+        self.out = nn.Linear(in_features=60, out_features=10)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        t = F.max_pool2d(F.relu(self.conv1(t)), kernel_size=2, stride=2)
+        t = F.max_pool2d(F.relu(self.conv2(t)), kernel_size=2, stride=2)
+        t = F.relu(self.fc1(t.reshape(-1, 12 * 4 * 4)))
+        t = F.relu(self.fc2(t))
+        return self.out(t)
+
+
+def seed_network(seed: int = 0) -> SeedNetwork:
+    """The seed's Network with the initial weights ``build_model("network", seed=seed)`` gets."""
+    from .models import build_model
+
+    model = SeedNetwork()
+    model.load_state_dict(build_model("network", seed=seed).state_dict())
+    return model
 
 
 def torchvision_root(raw_dir: str | Path, root: str | Path) -> Path:

@@ -1,0 +1,142 @@
+"""The seed Network's convolution -> max-pool -> ReLU layers as one C kernel on the CPU (``convpool.c``).
+
+The C file is compiled on first use with the system compiler (``cc -O3 -march=native -fopenmp``)
+into a cache folder keyed by the source, the flags and the CPU, then loaded with ``ctypes``.
+Without a compiler, or with ``FMNIST_KERNELS=torch`` in the environment, :func:`conv_pool_relu`
+uses PyTorch's own layers: same mathematics, slower. Which one ran is logged once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("convpool.c")
+FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+LAYERS = {(1, 5, 28): "conv1", (5, 12, 12): "conv2"}  # (in channels, out channels, size) -> C prefix
+_lib: ctypes.CDLL | None | bool = None  # None: not tried yet; False: unavailable
+_disabled = 0
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "fmnist"
+
+
+def _cpu_id() -> str:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    return flags
+
+
+def _build() -> ctypes.CDLL:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise OSError("no C compiler (cc or gcc) on PATH")
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, *FLAGS, _cpu_id()]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"convpool-{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            staged = Path(tmp) / target.name
+            run = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(staged), "-lm"], capture_output=True, text=True)
+            if run.returncode != 0:
+                raise OSError(f"{cc} failed: {run.stderr.strip()[-500:]}")
+            os.replace(staged, target)  # atomic: a concurrent build or a crash never leaves half a library
+    lib = ctypes.CDLL(str(target))
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    for name in LAYERS.values():
+        getattr(lib, f"{name}_forward").argtypes = [p, p, p, p, p, i64]
+        getattr(lib, f"{name}_backward").argtypes = [p, p, p, p, p, p, p, i64]
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None when they cannot be built or are switched off."""
+    global _lib
+    if _lib is None:
+        if os.environ.get("FMNIST_KERNELS", "c") == "torch":
+            _lib = False
+            log.info("FMNIST_KERNELS=torch: the Network's conv layers use PyTorch's kernels")
+        else:
+            try:
+                _lib = _build()
+                log.debug("fused conv-pool kernels loaded")
+            except OSError as err:
+                _lib = False
+                log.warning("fused conv-pool kernels unavailable (%s); using PyTorch's kernels (slower)", err)
+    return _lib or None
+
+
+@contextlib.contextmanager
+def disabled():
+    """PyTorch's layers inside this block (FLOP counting, graph tracing)."""
+    global _disabled
+    _disabled += 1
+    try:
+        yield
+    finally:
+        _disabled -= 1
+
+
+def _usable(x: torch.Tensor, weight: torch.Tensor) -> str | None:
+    """The C prefix for this layer, when the fused kernel can run it."""
+    if _disabled or x.device.type != "cpu" or x.dtype != torch.float32 or torch.jit.is_tracing():
+        return None
+    name = LAYERS.get((weight.shape[1], weight.shape[0], x.shape[-1]))
+    if name is None or x.dim() != 4 or x.shape[-2] != x.shape[-1] or weight.shape[-2:] != (5, 5):
+        return None
+    return name if library() is not None else None
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+class _ConvPoolReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, name):
+        x = x.contiguous()  # NCHW; for one channel channels-last is the same memory
+        weight, bias = weight.contiguous(), bias.contiguous()
+        n, co, size = x.shape[0], weight.shape[0], (x.shape[-1] - 4) // 2
+        out = torch.empty(n, co, size, size)
+        idx = torch.empty(n, co, size, size, dtype=torch.uint8)
+        getattr(library(), f"{name}_forward")(_ptr(x), _ptr(weight), _ptr(bias), _ptr(out), _ptr(idx), n)
+        ctx.save_for_backward(x, weight, idx)
+        ctx.name = name
+        return out
+
+    @staticmethod
+    def backward(ctx, gout):
+        x, weight, idx = ctx.saved_tensors
+        gout = gout.contiguous()
+        gx = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
+        gw, gb = torch.empty_like(weight), torch.empty(weight.shape[0])
+        getattr(library(), f"{ctx.name}_backward")(
+            _ptr(x), _ptr(weight), _ptr(gout), _ptr(idx), _ptr(gx) if gx is not None else None,
+            _ptr(gw), _ptr(gb), x.shape[0],
+        )
+        return gx, gw, gb, None
+
+
+def conv_pool_relu(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
+    """``relu(max_pool2d(conv(x), 2))``: fused on the CPU for the seed Network's shapes, else PyTorch's layers."""
+    name = _usable(x, conv.weight)
+    if name is None:
+        return F.relu(F.max_pool2d(conv(x), kernel_size=2, stride=2))
+    return _ConvPoolReLU.apply(x, conv.weight, conv.bias, name)
