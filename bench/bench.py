@@ -16,6 +16,7 @@ import argparse
 import io
 import json
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -61,38 +62,48 @@ def flops_per_image(model_name: str, device: torch.device, batch: int = 100) -> 
     return counter.get_total_flops() / batch
 
 
-def seed_images_per_second(train_set, batch_size: int, epochs: int) -> float:
-    model = seed_network()
-    loader = DataLoader(train_set, batch_size=batch_size, shuffle=True)
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    seed_train_epoch(model, DataLoader(Subset(train_set, range(20 * batch_size)), batch_size=batch_size), opt)
-    start = time.perf_counter()
-    for _ in range(epochs):
-        seed_train_epoch(model, loader, opt)
-    return epochs * len(train_set) / (time.perf_counter() - start)
+class SeedLoop:
+    """The tutorial's training: a DataLoader over torchvision's FashionMNIST, Adam, the seed's loop."""
+
+    def __init__(self, train_set, batch_size: int):
+        self.n = len(train_set)
+        self.model = seed_network()
+        self.loader = DataLoader(train_set, batch_size=batch_size, shuffle=True)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=0.01)
+        warm = DataLoader(Subset(train_set, range(20 * batch_size)), batch_size=batch_size)
+        seed_train_epoch(self.model, warm, self.opt)
+
+    def epoch(self) -> float:
+        """Train one epoch; images per second."""
+        start = time.perf_counter()
+        seed_train_epoch(self.model, self.loader, self.opt)
+        return self.n / (time.perf_counter() - start)
 
 
-def project_images_per_second(train, batch_size: int, epochs: int, device: torch.device) -> float:
-    p = params.train_params({}, model="network", optimizer="adam", lr=0.01, weight_decay=0.0, batch_size=batch_size,
-                            schedule="constant", epochs=epochs)
-    model = build_model("network").to(device, memory_format=torch.channels_last)
-    opt, _, gen = training_state(model, p, len(train), device)  # constant schedule: no scheduler
-    manager = RunManager(stream=io.StringIO())
-    manager.begin_run(None, model, name="bench")
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(epochs):
-        manager.begin_epoch()
-        train_one_epoch(model, train, opt, None, p, gen, manager)
-        manager.end_epoch()
-    sync(device)
-    return epochs * len(train) / (time.perf_counter() - start)
+class ProjectLoop:
+    """The project's training path (train_one_epoch with a RunManager) on the same model, Adam and batch size."""
 
+    def __init__(self, train, batch_size: int, device: torch.device):
+        self.train, self.device = train, device
+        self.p = params.train_params({}, model="network", optimizer="adam", lr=0.01, weight_decay=0.0,
+                                     batch_size=batch_size, schedule="constant")
+        self.model = build_model("network").to(device, memory_format=torch.channels_last)
+        self.opt, _, self.gen = training_state(self.model, self.p, len(train), device)  # constant: no scheduler
+        self.manager = RunManager(stream=io.StringIO())
+        self.manager.begin_run(None, self.model, name="bench")
+        # a few steps first, so one-time set-up (oneDNN primitives, the C kernels, CUDA) is not timed
+        n = 20 * batch_size
+        train_one_epoch(self.model, type(train)(train.x[:n], train.y[:n]), self.opt, None, self.p, self.gen)
 
-def warm_up(train, batch_size: int, device: torch.device, steps: int = 20) -> None:
-    """A few steps first, so one-time set-up (oneDNN primitives, CUDA kernels) is not timed."""
-    sub = type(train)(train.x[: steps * batch_size], train.y[: steps * batch_size])
-    project_images_per_second(sub, batch_size, 1, device)
+    def epoch(self) -> float:
+        sync(self.device)
+        start = time.perf_counter()
+        self.manager.begin_epoch()
+        train_one_epoch(self.model, self.train, self.opt, None, self.p, self.gen, self.manager)
+        sync(self.device)
+        rate = len(self.train) / (time.perf_counter() - start)
+        self.manager.end_epoch()
+        return rate
 
 
 def project_time_to_accuracy(p, train, test, device, target: float) -> dict:
@@ -137,7 +148,8 @@ def main() -> None:
     parser.add_argument("--data", default="data/processed")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[100, 1000])
-    parser.add_argument("--epochs", type=int, default=1, help="timed epochs per throughput measurement")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternating seed/project epochs per batch size; medians are reported")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-accuracy", action="store_true", help="skip the time-to-accuracy runs")
     parser.add_argument("--target", type=float, default=0.90)
@@ -167,13 +179,21 @@ def main() -> None:
         seed_set = seed_train_set(args.raw, tmp) if on_cpu else None
         print(f"\n{'batch':>6} {'seed loop img/s':>16} {'project img/s':>14} {'ratio':>6} {'GFLOP/s':>8} {'% of ceiling':>13}")
         for bs in args.batch_sizes:
-            seed = seed_images_per_second(seed_set, bs, args.epochs) if on_cpu else None
-            warm_up(train, bs, device)
-            ours = project_images_per_second(train, bs, args.epochs, device)
+            # Rounds alternate one seed epoch and one project epoch, so that a drift in the machine's
+            # speed (10-25% within minutes on shared machines) hits both; medians are reported.
+            seed_loop = SeedLoop(seed_set, bs) if on_cpu else None
+            project_loop = ProjectLoop(train, bs, device)
+            seed_rates, rates = [], []
+            for _ in range(args.rounds):
+                if seed_loop:
+                    seed_rates.append(seed_loop.epoch())
+                rates.append(project_loop.epoch())
+            seed = statistics.median(seed_rates) if seed_rates else None
+            ours = statistics.median(rates)
             gflops = ours * flops / 1e9
             ratio = ours / seed if seed else None
             results["throughput"].append({"batch_size": bs, "seed": seed, "project": ours, "ratio": ratio,
-                                          "gflops": gflops})
+                                          "gflops": gflops, "seed_rounds": seed_rates, "project_rounds": rates})
             print(f"{bs:>6} {seed or float('nan'):>16,.0f} {ours:>14,.0f} {ratio or float('nan'):>5.1f}x "
                   f"{gflops:>8.1f} {gflops / ceiling:>12.1%}", flush=True)
 

@@ -120,68 +120,74 @@ static inline v8 odd8(v8 a, v8 b) { return __builtin_shufflevector(a, b, 1, 3, 5
             NAME##_forward_one(x + i * NAME##_IN, w, b, out + i * NAME##_OUT, idx + i * NAME##_OUT); \
     }                                                                                              \
                                                                                                    \
-    /* gw: this thread's per-lane weight-gradient sums; gb: its bias sums; gx: this image's input  \
-       gradient (zeroed), or NULL when the input needs none */                                     \
+    /* gw: this thread's weight-gradient rows (lane v of row (co, ci, u) is w[co, ci, u, v]'s);     \
+       gb: its bias sums; gx: this image's input gradient (written), or NULL when none is needed */ \
     static void NAME##_backward_one(const float *x, const float *w, const float *gout,            \
                                     const uint8_t *idx, float *gx, v8 *gw, float *gb) {           \
-        enum { HO = NAME##_HO, P = NAME##_P, V = NAME##_V };                                       \
-        /* the conv output's gradient: the pooled gradient at each window's maximum, else 0; row   \
-           HO catches what the ReLU cut, so the scatter needs no branch */                         \
-        float g[CO][HO + 1][HO];                                                                   \
-        memset(g, 0, sizeof g);                                                                    \
-        for (int co = 0; co < (CO); co++) {                                                        \
-            float sum = 0.0f;                                                                      \
-            for (int o = co * P * P; o < (co + 1) * P * P; o++) {                                  \
-                const int k = idx[o], live = k != DEAD, p = o / P % P, q = o % P;                  \
-                const float go = live ? gout[o] : 0.0f;                                            \
-                *(live ? &g[co][2 * p + (k >> 1)][2 * q + (k & 1)] : &g[co][HO][0]) = go;          \
-                sum += go;                                                                         \
+        enum { HO = NAME##_HO, P = NAME##_P, V = NAME##_V, W = (H) + 4 };                           \
+        /* the image with each row padded to W floats, so that an 8-wide load at any window        \
+           column stays inside the buffer */                                                       \
+        float xp[CI][H][W];                                                                        \
+        for (int ci = 0; ci < (CI); ci++)                                                          \
+            for (int y = 0; y < (H); y++) {                                                        \
+                memcpy(xp[ci][y], x + (ci * (H) + y) * (H), (H) * sizeof(float));                  \
+                memset(xp[ci][y] + (H), 0, 4 * sizeof(float));                                    \
             }                                                                                      \
+        /* Only each window's maximum gets a gradient: add gout times the 5 x 5 input patch under  \
+           it to the weight gradient, 8 columns at a time. Outputs the ReLU cut add 0 (no branch). \
+           The conv output's gradient g (for gx) is built on the way. */                           \
+        float g[CO][HO][HO];                                                                       \
+        if (gx) memset(g, 0, sizeof g);                                                            \
+        for (int co = 0; co < (CO); co++) {                                                        \
+            v8 acc[CI][K];                                                                         \
+            memcpy(acc, gw + co * (CI) * K, sizeof acc);                                           \
+            float sum = 0.0f;                                                                      \
+            for (int p = 0; p < P; p++)                                                            \
+                for (int q = 0; q < P; q++) {                                                      \
+                    const int o = (co * P + p) * P + q, k = idx[o], live = k != DEAD;              \
+                    const float go = live ? gout[o] : 0.0f;                                        \
+                    const int i = 2 * p + (k >> 1 & 1), j = 2 * q + (k & 1);                       \
+                    const v8 gv = splat(go);                                                       \
+                    for (int ci = 0; ci < (CI); ci++)                                              \
+                        for (int u = 0; u < K; u++) acc[ci][u] += gv * load8(&xp[ci][i + u][j]);  \
+                    if (gx) g[co][i][j] += go; /* += : a cut output adds 0 at its window's corner */ \
+                    sum += go;                                                                     \
+                }                                                                                  \
+            memcpy(gw + co * (CI) * K, acc, sizeof acc);                                           \
             gb[co] += sum;                                                                         \
         }                                                                                          \
-        for (int co = 0; co < (CO); co++)                                                          \
-            for (int ci = 0; ci < (CI); ci++) {                                                    \
-                v8 acc[K * K]; /* one accumulator per tap, in registers */                         \
-                memcpy(acc, gw + (co * (CI) + ci) * K * K, sizeof acc);                            \
-                for (int i = 0; i < HO; i++)                                                       \
-                    for (int k = 0; k < V; k++) {                                                  \
-                        const v8 gv = load8(&g[co][i][8 * k]);                                     \
-                        for (int u = 0; u < K; u++)                                                \
-                            for (int v = 0; v < K; v++)                                            \
-                                acc[u * K + v] += gv * load8(x + (ci * (H) + i + u) * (H) + v + 8 * k); \
-                    }                                                                              \
-                memcpy(gw + (co * (CI) + ci) * K * K, acc, sizeof acc);                            \
-            }                                                                                      \
-        if (gx)                                                                                    \
-            for (int ci = 0; ci < (CI); ci++)                                                      \
-                for (int u = 0; u < K; u++)                                                        \
-                    for (int v = 0; v < K; v++)                                                    \
-                        for (int i = 0; i < HO; i++)                                               \
-                            for (int k = 0; k < V; k++) {                                          \
-                                v8 s = splat(0.0f);                                                \
-                                for (int co = 0; co < (CO); co++)                                  \
-                                    s += w[((co * (CI) + ci) * K + u) * K + v] * load8(&g[co][i][8 * k]); \
-                                float *d = gx + (ci * (H) + i + u) * (H) + v + 8 * k;              \
-                                store8(d, load8(d) + s);                                           \
-                            }                                                                      \
+        if (!gx) return;                                                                           \
+        memset(gx, 0, NAME##_IN * sizeof(float));                                                  \
+        for (int ci = 0; ci < (CI); ci++)                                                          \
+            for (int u = 0; u < K; u++)                                                            \
+                for (int v = 0; v < K; v++)                                                        \
+                    for (int i = 0; i < HO; i++)                                                   \
+                        for (int k = 0; k < V; k++) {                                              \
+                            v8 s = splat(0.0f);                                                    \
+                            for (int co = 0; co < (CO); co++)                                      \
+                                s += w[((co * (CI) + ci) * K + u) * K + v] * load8(&g[co][i][8 * k]);\
+                            float *d = gx + (ci * (H) + i + u) * (H) + v + 8 * k;                  \
+                            store8(d, load8(d) + s);                                               \
+                        }                                                                          \
     }                                                                                              \
                                                                                                    \
-    /* gx: zeroed, or NULL when the input needs no gradient; gw, gb: written, not accumulated */    \
+    /* gx (or NULL when the input needs no gradient), gw, gb: written, not accumulated */          \
     void NAME##_backward(const float *x, const float *w, const float *gout, const uint8_t *idx,    \
                          float *gx, float *gw, float *gb, int64_t n) {                             \
-        enum { NW = NAME##_NW };                                                                   \
+        enum { NW = NAME##_NW, ROWS = (CO) * (CI) * K };                                           \
         const int nt = omp_get_max_threads();                                                      \
-        float *part = calloc((size_t)nt * (NW + (CO)), sizeof(float));                             \
-        v8 *lanes = aligned_alloc(32, (size_t)nt * NW * sizeof(v8));                               \
+        float *part = malloc((size_t)nt * (NW + (CO)) * sizeof(float)); /* per thread, in order */ \
         _Pragma("omp parallel num_threads(nt)") {                                                  \
-            const int t = omp_get_thread_num();                                                    \
-            v8 *mine = lanes + (size_t)t * NW;                                                     \
-            float *sums = part + (size_t)t * (NW + (CO));                                          \
-            for (int i = 0; i < NW; i++) mine[i] = splat(0.0f);                                    \
+            v8 rows[ROWS]; /* the accumulators live on each thread's own stack: no false sharing */ \
+            float bias[CO] = {0};                                                                  \
+            for (int r = 0; r < ROWS; r++) rows[r] = splat(0.0f);                                  \
             _Pragma("omp for schedule(static) nowait") for (int64_t i = 0; i < n; i++)             \
                 NAME##_backward_one(x + i * NAME##_IN, w, gout + i * NAME##_OUT, idx + i * NAME##_OUT, \
-                                    gx ? gx + i * NAME##_IN : NULL, mine, sums + NW);              \
-            for (int i = 0; i < NW; i++) sums[i] = hsum8(mine[i]);                                 \
+                                    gx ? gx + i * NAME##_IN : NULL, rows, bias);                   \
+            float *sums = part + (size_t)omp_get_thread_num() * (NW + (CO));                       \
+            for (int r = 0; r < ROWS; r++)                                                         \
+                for (int v = 0; v < K; v++) sums[r * K + v] = rows[r][v];                          \
+            memcpy(sums + NW, bias, sizeof bias);                                                  \
         }                                                                                          \
         memcpy(gw, part, NW * sizeof(float));                                                      \
         memcpy(gb, part + NW, (CO) * sizeof(float));                                               \
@@ -190,7 +196,6 @@ static inline v8 odd8(v8 a, v8 b) { return __builtin_shufflevector(a, b, 1, 3, 5
             for (int i = 0; i < NW; i++) gw[i] += src[i];                                          \
             for (int i = 0; i < (CO); i++) gb[i] += src[NW + i];                                   \
         }                                                                                          \
-        free(lanes);                                                                               \
         free(part);                                                                                \
     }
 

@@ -28,6 +28,7 @@ SOURCE = Path(__file__).with_name("convpool.c")
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 LAYERS = {(1, 5, 28): "conv1", (5, 12, 12): "conv2"}  # (in channels, out channels, size) -> C prefix
 _lib: ctypes.CDLL | None | bool = None  # None: not tried yet; False: unavailable
+_functions: dict[str, tuple] = {}  # C prefix -> (forward, backward), looked up once
 _disabled = 0
 
 
@@ -61,8 +62,10 @@ def _build() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(target))
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     for name in LAYERS.values():
-        getattr(lib, f"{name}_forward").argtypes = [p, p, p, p, p, i64]
-        getattr(lib, f"{name}_backward").argtypes = [p, p, p, p, p, p, p, i64]
+        forward, backward = getattr(lib, f"{name}_forward"), getattr(lib, f"{name}_backward")
+        forward.argtypes = [p, p, p, p, p, i64]
+        backward.argtypes = [p, p, p, p, p, p, p, i64]
+        _functions[name] = forward, backward
     return lib
 
 
@@ -104,10 +107,6 @@ def _usable(x: torch.Tensor, weight: torch.Tensor) -> str | None:
     return name if library() is not None else None
 
 
-def _ptr(t: torch.Tensor) -> int:
-    return t.data_ptr()
-
-
 class _ConvPoolReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, name):
@@ -116,7 +115,7 @@ class _ConvPoolReLU(torch.autograd.Function):
         n, co, size = x.shape[0], weight.shape[0], (x.shape[-1] - 4) // 2
         out = torch.empty(n, co, size, size)
         idx = torch.empty(n, co, size, size, dtype=torch.uint8)
-        getattr(library(), f"{name}_forward")(_ptr(x), _ptr(weight), _ptr(bias), _ptr(out), _ptr(idx), n)
+        _functions[name][0](x.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr(), idx.data_ptr(), n)
         ctx.save_for_backward(x, weight, idx)
         ctx.name = name
         return out
@@ -125,11 +124,11 @@ class _ConvPoolReLU(torch.autograd.Function):
     def backward(ctx, gout):
         x, weight, idx = ctx.saved_tensors
         gout = gout.contiguous()
-        gx = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
+        gx = torch.empty_like(x) if ctx.needs_input_grad[0] else None  # the kernel writes all of it
         gw, gb = torch.empty_like(weight), torch.empty(weight.shape[0])
-        getattr(library(), f"{ctx.name}_backward")(
-            _ptr(x), _ptr(weight), _ptr(gout), _ptr(idx), _ptr(gx) if gx is not None else None,
-            _ptr(gw), _ptr(gb), x.shape[0],
+        _functions[ctx.name][1](
+            x.data_ptr(), weight.data_ptr(), gout.data_ptr(), idx.data_ptr(), None if gx is None else gx.data_ptr(),
+            gw.data_ptr(), gb.data_ptr(), x.shape[0],
         )
         return gx, gw, gb, None
 
