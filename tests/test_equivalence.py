@@ -12,7 +12,7 @@ from fmnist.data import FashionMNIST, load_processed
 from fmnist.engine import make_optimizer, to_device, train_one_epoch
 from fmnist.models import build_model
 from fmnist.reference import seed_network, seed_train_epoch
-from fmnist.tracking import RunManager, RunBuilder
+from fmnist.tracking import RunBuilder, RunManager
 
 
 def one_epoch_both_ways(processed_small, p):

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from fmnist import kernels
+from fmnist.errors import PipelineError
 from fmnist.models import build_model
 
 needs_kernels = pytest.mark.skipif(kernels.library() is None, reason="no C compiler: the kernels fall back to PyTorch")
@@ -69,7 +70,7 @@ def test_kernel_is_used_and_is_deterministic():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated")
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.trace is deprecated, add_graph uses it
 def test_other_shapes_dtypes_and_tracing_use_pytorch(monkeypatch):
     calls = []
     monkeypatch.setattr(kernels._ConvPoolReLU, "apply", lambda *a: calls.append(a))
@@ -86,7 +87,7 @@ def test_without_a_compiler_it_falls_back_to_pytorch_with_a_warning(monkeypatch,
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     with caplog.at_level("WARNING", logger="fmnist.kernels"):
         assert kernels.library() is None
-    assert "using PyTorch's kernels" in caplog.text
+    assert "run on PyTorch's kernels" in caplog.text
     conv = torch.nn.Conv2d(1, 5, 5)
     x = torch.randn(3, 1, 28, 28)
     torch.testing.assert_close(kernels.conv_pool_relu(x, conv), reference(x, conv))
@@ -96,3 +97,10 @@ def test_fmnist_kernels_torch_switches_them_off(monkeypatch):
     monkeypatch.setattr(kernels, "_lib", None)
     monkeypatch.setenv("FMNIST_KERNELS", "torch")
     assert kernels.library() is None
+
+
+def test_an_unknown_fmnist_kernels_value_is_a_one_line_error(monkeypatch):
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setenv("FMNIST_KERNELS", "pytorch")
+    with pytest.raises(PipelineError, match="FMNIST_KERNELS must be 'c' .* got 'pytorch'"):
+        kernels.conv_pool_relu(torch.randn(2, 1, 28, 28), torch.nn.Conv2d(1, 5, 5))

@@ -2,7 +2,6 @@ import contextlib
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fmnist import kernels
 from fmnist.errors import ParamsError

@@ -3,7 +3,7 @@
 The C file is compiled on first use with the system compiler (``cc -O3 -march=native -fopenmp``)
 into a cache folder keyed by the source, the flags and the CPU, then loaded with ``ctypes``.
 Without a compiler, or with ``FMNIST_KERNELS=torch`` in the environment, :func:`conv_pool_relu`
-uses PyTorch's own layers: same mathematics, slower. Which one ran is logged once.
+uses PyTorch's own layers: same mathematics, slower. Which one runs is logged once.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from .errors import PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -73,16 +75,20 @@ def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None when they cannot be built or are switched off."""
     global _lib
     if _lib is None:
-        if os.environ.get("FMNIST_KERNELS", "c") == "torch":
+        choice = os.environ.get("FMNIST_KERNELS", "c")
+        if choice not in ("c", "torch"):
+            raise PipelineError(f"FMNIST_KERNELS must be 'c' (the default) or 'torch', got {choice!r}")
+        if choice == "torch":
             _lib = False
-            log.info("FMNIST_KERNELS=torch: the Network's conv layers use PyTorch's kernels")
+            log.info("FMNIST_KERNELS=torch: the Network's conv layers run on PyTorch's kernels")
         else:
             try:
                 _lib = _build()
-                log.debug("fused conv-pool kernels loaded")
+                log.info("the Network's conv layers run on the fused C kernel (%s)", _lib._name)
             except OSError as err:
                 _lib = False
-                log.warning("fused conv-pool kernels unavailable (%s); using PyTorch's kernels (slower)", err)
+                log.warning("fused C kernel unavailable (%s); the Network's conv layers run on PyTorch's "
+                            "kernels (slower)", err)
     return _lib or None
 
 

@@ -17,21 +17,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .models import Network, build_model
 
-class SeedNetwork(nn.Module):
-    """The tutorial's ``Network`` as written (ReLU, then pool; PyTorch's layers), returning logits.
 
-    Its parameters have the names and shapes of :class:`fmnist.models.Network`, so either loads
-    the other's ``state_dict``.
+class SeedNetwork(Network):
+    """The tutorial's ``Network`` as written: ReLU, then pool, on PyTorch's layers; returns logits.
+
+    The layers (and so the ``state_dict``) are :class:`fmnist.models.Network`'s; only ``forward``
+    is the seed's.
     """
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels=1, out_channels=5, kernel_size=5)
-        self.conv2 = nn.Conv2d(in_channels=5, out_channels=12, kernel_size=5)
-        self.fc1 = nn.Linear(in_features=12 * 4 * 4, out_features=120)
-        self.fc2 = nn.Linear(in_features=120, out_features=60)
-        self.out = nn.Linear(in_features=60, out_features=10)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         t = F.max_pool2d(F.relu(self.conv1(t)), kernel_size=2, stride=2)
@@ -43,8 +37,6 @@ class SeedNetwork(nn.Module):
 
 def seed_network(seed: int = 0) -> SeedNetwork:
     """The seed's Network with the initial weights ``build_model("network", seed=seed)`` gets."""
-    from .models import build_model
-
     model = SeedNetwork()
     model.load_state_dict(build_model("network", seed=seed).state_dict())
     return model
