@@ -4,10 +4,11 @@
     python bench/bench.py --no-accuracy   # throughput only (about a minute)
 
 Needs the pipeline's data/raw and data/processed (run `dvc repro transform` first). Prints
-training images per second for each path and their ratio, FLOPs per training image, the
-achieved GFLOP/s, a matrix-multiply GFLOP/s ceiling measured in the same run, and the time the
-default training (params.yaml) takes to reach 90% test accuracy beside the seed loop's best
-accuracy over the same number of epochs. ``--json FILE`` also writes the figures as JSON.
+training images per second for each path (medians over alternating rounds) and their ratio (the
+median of the rounds' ratios), FLOPs per training image, the achieved GFLOP/s, a matrix-multiply
+GFLOP/s ceiling measured in the same run, and the time the default training (params.yaml) takes
+to reach 90% test accuracy beside the seed loop's best accuracy over the same number of epochs.
+``--json FILE`` also writes the figures as JSON.
 """
 
 from __future__ import annotations
@@ -191,11 +192,15 @@ def main() -> None:
             seed = statistics.median(seed_rates) if seed_rates else None
             ours = statistics.median(rates)
             gflops = ours * flops / 1e9
-            ratio = ours / seed if seed else None
+            # the ratio of each round's pair (measured a few seconds apart), then their median
+            ratios = [b / a for a, b in zip(seed_rates, rates)]
+            ratio = statistics.median(ratios) if ratios else None
             results["throughput"].append({"batch_size": bs, "seed": seed, "project": ours, "ratio": ratio,
-                                          "gflops": gflops, "seed_rounds": seed_rates, "project_rounds": rates})
+                                          "gflops": gflops, "seed_rounds": seed_rates, "project_rounds": rates,
+                                          "round_ratios": ratios})
+            spread = f"  (rounds: {', '.join(f'{r:.1f}x' for r in ratios)})" if ratios else ""
             print(f"{bs:>6} {seed or float('nan'):>16,.0f} {ours:>14,.0f} {ratio or float('nan'):>5.1f}x "
-                  f"{gflops:>8.1f} {gflops / ceiling:>12.1%}", flush=True)
+                  f"{gflops:>8.1f} {gflops / ceiling:>12.1%}{spread}", flush=True)
 
         if not args.no_accuracy:
             p = params.train_params(params.load(args.params))
