@@ -122,9 +122,9 @@ static inline v8 odd8(v8 a, v8 b) { return __builtin_shufflevector(a, b, 1, 3, 5
                                                                                                    \
     /* gw: this thread's weight-gradient rows (lane v of row (co, ci, u) is w[co, ci, u, v]'s);     \
        gb: its bias sums; gx: this image's input gradient (written), or NULL when none is needed */ \
-    static void NAME##_backward_one(const float *x, const float *w, const float *gout,            \
+    static void NAME##_backward_one(const float *x, const v8 *wrows, const float *gout,           \
                                     const uint8_t *idx, float *gx, v8 *gw, float *gb) {           \
-        enum { HO = NAME##_HO, P = NAME##_P, V = NAME##_V, W = (H) + 4 };                           \
+        enum { P = NAME##_P, W = (H) + 4 };                                                        \
         /* the image with each row padded to W floats, so that an 8-wide load at any window        \
            column stays inside the buffer */                                                       \
         float xp[CI][H][W];                                                                        \
@@ -133,11 +133,11 @@ static inline v8 odd8(v8 a, v8 b) { return __builtin_shufflevector(a, b, 1, 3, 5
                 memcpy(xp[ci][y], x + (ci * (H) + y) * (H), (H) * sizeof(float));                  \
                 memset(xp[ci][y] + (H), 0, 4 * sizeof(float));                                    \
             }                                                                                      \
-        /* Only each window's maximum gets a gradient: add gout times the 5 x 5 input patch under  \
-           it to the weight gradient, 8 columns at a time. Outputs the ReLU cut add 0 (no branch). \
-           The conv output's gradient g (for gx) is built on the way. */                           \
-        float g[CO][HO][HO];                                                                       \
-        if (gx) memset(g, 0, sizeof g);                                                            \
+        /* Only each window's maximum gets a gradient (outputs the ReLU cut carry 0, which saves a   \
+           branch): add gout times the 5 x 5 input patch under it to the weight gradient, and gout \
+           times the kernel to the input gradient, 8 columns (5 used) at a time. */                \
+        float gxp[CI][H][W]; /* the input gradient, rows padded like xp */                         \
+        if (gx) memset(gxp, 0, sizeof gxp);                                                        \
         for (int co = 0; co < (CO); co++) {                                                        \
             v8 acc[CI][K];                                                                         \
             memcpy(acc, gw + co * (CI) * K, sizeof acc);                                           \
@@ -150,25 +150,20 @@ static inline v8 odd8(v8 a, v8 b) { return __builtin_shufflevector(a, b, 1, 3, 5
                     const v8 gv = splat(go);                                                       \
                     for (int ci = 0; ci < (CI); ci++)                                              \
                         for (int u = 0; u < K; u++) acc[ci][u] += gv * load8(&xp[ci][i + u][j]);  \
-                    if (gx) g[co][i][j] += go; /* += : a cut output adds 0 at its window's corner */ \
+                    if (gx)                                                                        \
+                        for (int ci = 0; ci < (CI); ci++)                                          \
+                            for (int u = 0; u < K; u++) {                                          \
+                                float *d = &gxp[ci][i + u][j];                                     \
+                                store8(d, load8(d) + gv * wrows[(co * (CI) + ci) * K + u]);        \
+                            }                                                                      \
                     sum += go;                                                                     \
                 }                                                                                  \
             memcpy(gw + co * (CI) * K, acc, sizeof acc);                                           \
             gb[co] += sum;                                                                         \
         }                                                                                          \
-        if (!gx) return;                                                                           \
-        memset(gx, 0, NAME##_IN * sizeof(float));                                                  \
-        for (int ci = 0; ci < (CI); ci++)                                                          \
-            for (int u = 0; u < K; u++)                                                            \
-                for (int v = 0; v < K; v++)                                                        \
-                    for (int i = 0; i < HO; i++)                                                   \
-                        for (int k = 0; k < V; k++) {                                              \
-                            v8 s = splat(0.0f);                                                    \
-                            for (int co = 0; co < (CO); co++)                                      \
-                                s += w[((co * (CI) + ci) * K + u) * K + v] * load8(&g[co][i][8 * k]);\
-                            float *d = gx + (ci * (H) + i + u) * (H) + v + 8 * k;                  \
-                            store8(d, load8(d) + s);                                               \
-                        }                                                                          \
+        if (gx)                                                                                    \
+            for (int ci = 0; ci < (CI); ci++)                                                      \
+                for (int y = 0; y < (H); y++) memcpy(gx + (ci * (H) + y) * (H), gxp[ci][y], (H) * sizeof(float)); \
     }                                                                                              \
                                                                                                    \
     /* gx (or NULL when the input needs no gradient), gw, gb: written, not accumulated */          \
@@ -177,12 +172,17 @@ static inline v8 odd8(v8 a, v8 b) { return __builtin_shufflevector(a, b, 1, 3, 5
         enum { NW = NAME##_NW, ROWS = (CO) * (CI) * K };                                           \
         const int nt = omp_get_max_threads();                                                      \
         float *part = malloc((size_t)nt * (NW + (CO)) * sizeof(float)); /* per thread, in order */ \
+        v8 wrows[ROWS]; /* kernel rows padded to 8 lanes with zeros */                             \
+        for (int r = 0; r < ROWS; r++) {                                                           \
+            wrows[r] = splat(0.0f);                                                                \
+            for (int v = 0; v < K; v++) wrows[r][v] = w[r * K + v];                                \
+        }                                                                                          \
         _Pragma("omp parallel num_threads(nt)") {                                                  \
             v8 rows[ROWS]; /* the accumulators live on each thread's own stack: no false sharing */ \
             float bias[CO] = {0};                                                                  \
             for (int r = 0; r < ROWS; r++) rows[r] = splat(0.0f);                                  \
             _Pragma("omp for schedule(static) nowait") for (int64_t i = 0; i < n; i++)             \
-                NAME##_backward_one(x + i * NAME##_IN, w, gout + i * NAME##_OUT, idx + i * NAME##_OUT, \
+                NAME##_backward_one(x + i * NAME##_IN, wrows, gout + i * NAME##_OUT, idx + i * NAME##_OUT, \
                                     gx ? gx + i * NAME##_IN : NULL, rows, bias);                   \
             float *sums = part + (size_t)omp_get_thread_num() * (NW + (CO));                       \
             for (int r = 0; r < ROWS; r++)                                                         \
