@@ -71,12 +71,16 @@ def test_kernel_is_used_and_is_deterministic():
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.trace is deprecated, add_graph uses it
-def test_other_shapes_dtypes_and_tracing_use_pytorch(monkeypatch):
+def test_other_shapes_dtypes_settings_and_tracing_use_pytorch(monkeypatch):
     calls = []
     monkeypatch.setattr(kernels._ConvPoolReLU, "apply", lambda *a: calls.append(a))
     conv = torch.nn.Conv2d(1, 5, 5)
     kernels.conv_pool_relu(torch.randn(2, 1, 32, 32), conv)  # a size it was not built for
     kernels.conv_pool_relu(torch.randn(2, 1, 28, 28, dtype=torch.float64), torch.nn.Conv2d(1, 5, 5).double())
+    with pytest.raises(RuntimeError, match="channels"):  # PyTorch's error, not a read past the input's end
+        kernels.conv_pool_relu(torch.randn(2, 1, 12, 12), torch.nn.Conv2d(5, 12, 5))
+    kernels.conv_pool_relu(torch.randn(2, 1, 28, 28), torch.nn.Conv2d(1, 5, 5, padding=2))
+    kernels.conv_pool_relu(torch.randn(2, 1, 28, 28), torch.nn.Conv2d(1, 5, 5, bias=False))
     torch.jit.trace(build_model("network"), torch.randn(2, 1, 28, 28), check_trace=False)  # add_graph traces the model
     assert calls == []
 
@@ -104,3 +108,22 @@ def test_an_unknown_fmnist_kernels_value_is_a_one_line_error(monkeypatch):
     monkeypatch.setenv("FMNIST_KERNELS", "pytorch")
     with pytest.raises(PipelineError, match="FMNIST_KERNELS must be 'c' .* got 'pytorch'"):
         kernels.conv_pool_relu(torch.randn(2, 1, 28, 28), torch.nn.Conv2d(1, 5, 5))
+
+
+@needs_kernels
+def test_fewer_threads_than_asked_still_give_the_right_gradients():
+    # a batch smaller than the thread count leaves threads without images
+    conv = torch.nn.Conv2d(5, 12, 5)
+    x = torch.randn(1, 5, 12, 12, requires_grad=True)
+    g = torch.randn(1, 12, 4, 4)
+    for a, b in zip(grads(kernels.conv_pool_relu(x, conv), x, conv, g), grads(reference(x, conv), x, conv, g)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@needs_kernels
+def test_second_derivatives_are_refused_not_wrong():
+    conv = torch.nn.Conv2d(1, 5, 5)
+    x = torch.randn(2, 1, 28, 28, requires_grad=True)
+    (gx,) = torch.autograd.grad(kernels.conv_pool_relu(x, conv).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|double backward|not have a grad_fn"):
+        gx.sum().backward()

@@ -166,18 +166,22 @@ static inline v8 odd8(v8 a, v8 b) { return __builtin_shufflevector(a, b, 1, 3, 5
                 for (int y = 0; y < (H); y++) memcpy(gx + (ci * (H) + y) * (H), gxp[ci][y], (H) * sizeof(float)); \
     }                                                                                              \
                                                                                                    \
-    /* gx (or NULL when the input needs no gradient), gw, gb: written, not accumulated */          \
-    void NAME##_backward(const float *x, const float *w, const float *gout, const uint8_t *idx,    \
-                         float *gx, float *gw, float *gb, int64_t n) {                             \
+    /* gx (or NULL when the input needs no gradient), gw, gb: written, not accumulated.            \
+       Returns 0, or -1 when out of memory. */                                                     \
+    int NAME##_backward(const float *x, const float *w, const float *gout, const uint8_t *idx,     \
+                        float *gx, float *gw, float *gb, int64_t n) {                              \
         enum { NW = NAME##_NW, ROWS = (CO) * (CI) * K };                                           \
         const int nt = omp_get_max_threads();                                                      \
-        float *part = malloc((size_t)nt * (NW + (CO)) * sizeof(float)); /* per thread, in order */ \
+        int team = 1; /* threads the runtime actually gives (OMP_DYNAMIC may give fewer than nt) */ \
+        float *part = calloc((size_t)nt * (NW + (CO)), sizeof(float)); /* per thread, in order */  \
+        if (!part) return -1;                                                                      \
         v8 wrows[ROWS]; /* kernel rows padded to 8 lanes with zeros */                             \
         for (int r = 0; r < ROWS; r++) {                                                           \
             wrows[r] = splat(0.0f);                                                                \
             for (int v = 0; v < K; v++) wrows[r][v] = w[r * K + v];                                \
         }                                                                                          \
         _Pragma("omp parallel num_threads(nt)") {                                                  \
+            _Pragma("omp single") team = omp_get_num_threads();                                    \
             v8 rows[ROWS]; /* the accumulators live on each thread's own stack: no false sharing */ \
             float bias[CO] = {0};                                                                  \
             for (int r = 0; r < ROWS; r++) rows[r] = splat(0.0f);                                  \
@@ -191,12 +195,13 @@ static inline v8 odd8(v8 a, v8 b) { return __builtin_shufflevector(a, b, 1, 3, 5
         }                                                                                          \
         memcpy(gw, part, NW * sizeof(float));                                                      \
         memcpy(gb, part + NW, (CO) * sizeof(float));                                               \
-        for (int t = 1; t < nt; t++) {                                                             \
+        for (int t = 1; t < team; t++) {                                                           \
             const float *src = part + (size_t)t * (NW + (CO));                                     \
             for (int i = 0; i < NW; i++) gw[i] += src[i];                                          \
             for (int i = 0; i < (CO); i++) gb[i] += src[NW + i];                                   \
         }                                                                                          \
         free(part);                                                                                \
+        return 0;                                                                                  \
     }
 
 /* The seed's Network: conv1 1 -> 5 channels on 28 x 28, conv2 5 -> 12 channels on 12 x 12. */

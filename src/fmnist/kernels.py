@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .errors import PipelineError
 
@@ -57,7 +58,8 @@ def _build() -> ctypes.CDLL:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             staged = Path(tmp) / target.name
-            run = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(staged), "-lm"], capture_output=True, text=True)
+            run = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(staged), "-lm"], capture_output=True,
+                                 text=True, errors="replace", timeout=300)
             if run.returncode != 0:
                 raise OSError(f"{cc} failed: {run.stderr.strip()[-500:]}")
             os.replace(staged, target)  # atomic: a concurrent build or a crash never leaves half a library
@@ -67,6 +69,7 @@ def _build() -> ctypes.CDLL:
         forward, backward = getattr(lib, f"{name}_forward"), getattr(lib, f"{name}_backward")
         forward.argtypes = [p, p, p, p, p, i64]
         backward.argtypes = [p, p, p, p, p, p, p, i64]
+        backward.restype = ctypes.c_int
         _functions[name] = forward, backward
     return lib
 
@@ -85,7 +88,7 @@ def library() -> ctypes.CDLL | None:
             try:
                 _lib = _build()
                 log.info("the Network's conv layers run on the fused C kernel (%s)", _lib._name)
-            except OSError as err:
+            except Exception as err:  # whatever went wrong, PyTorch's layers still work
                 _lib = False
                 log.warning("fused C kernel unavailable (%s); the Network's conv layers run on PyTorch's "
                             "kernels (slower)", err)
@@ -103,12 +106,17 @@ def disabled():
         _disabled -= 1
 
 
-def _usable(x: torch.Tensor, weight: torch.Tensor) -> str | None:
-    """The C prefix for this layer, when the fused kernel can run it."""
-    if _disabled or x.device.type != "cpu" or x.dtype != torch.float32 or torch.jit.is_tracing():
+def _usable(x: torch.Tensor, conv: torch.nn.Conv2d) -> str | None:
+    """The C prefix for this layer, when the fused kernel computes exactly what ``conv`` would."""
+    w = conv.weight
+    if _disabled or torch.jit.is_tracing() or x.dim() != 4 or conv.bias is None:
         return None
-    name = LAYERS.get((weight.shape[1], weight.shape[0], x.shape[-1]))
-    if name is None or x.dim() != 4 or x.shape[-2] != x.shape[-1] or weight.shape[-2:] != (5, 5):
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in (x, w, conv.bias)):
+        return None
+    layout = (conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode)
+    plain = layout == ((1, 1), (0, 0), (1, 1), 1, "zeros")
+    name = LAYERS.get((w.shape[1], w.shape[0], x.shape[-1]))
+    if not plain or name is None or x.shape[1] != w.shape[1] or x.shape[-2] != x.shape[-1] or w.shape[-2:] != (5, 5):
         return None
     return name if library() is not None else None
 
@@ -119,7 +127,7 @@ class _ConvPoolReLU(torch.autograd.Function):
         x = x.contiguous()  # NCHW; for one channel channels-last is the same memory
         weight, bias = weight.contiguous(), bias.contiguous()
         n, co, size = x.shape[0], weight.shape[0], (x.shape[-1] - 4) // 2
-        out = torch.empty(n, co, size, size)
+        out = torch.empty(n, co, size, size, dtype=torch.float32)
         idx = torch.empty(n, co, size, size, dtype=torch.uint8)
         _functions[name][0](x.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr(), idx.data_ptr(), n)
         ctx.save_for_backward(x, weight, idx)
@@ -127,21 +135,24 @@ class _ConvPoolReLU(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the kernel's gradients are not themselves differentiable: say so, not a wrong answer
     def backward(ctx, gout):
         x, weight, idx = ctx.saved_tensors
         gout = gout.contiguous()
         gx = torch.empty_like(x) if ctx.needs_input_grad[0] else None  # the kernel writes all of it
-        gw, gb = torch.empty_like(weight), torch.empty(weight.shape[0])
-        _functions[ctx.name][1](
+        gw, gb = torch.empty_like(weight), torch.empty(weight.shape[0], dtype=torch.float32)
+        status = _functions[ctx.name][1](
             x.data_ptr(), weight.data_ptr(), gout.data_ptr(), idx.data_ptr(), None if gx is None else gx.data_ptr(),
             gw.data_ptr(), gb.data_ptr(), x.shape[0],
         )
+        if status != 0:
+            raise MemoryError("fused conv-pool kernel: out of memory for the per-thread gradient sums")
         return gx, gw, gb, None
 
 
 def conv_pool_relu(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
     """``relu(max_pool2d(conv(x), 2))``: fused on the CPU for the seed Network's shapes, else PyTorch's layers."""
-    name = _usable(x, conv.weight)
+    name = _usable(x, conv)
     if name is None:
         return F.relu(F.max_pool2d(conv(x), kernel_size=2, stride=2))
     return _ConvPoolReLU.apply(x, conv.weight, conv.bias, name)
