@@ -16,7 +16,6 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .errors import PipelineError
+from .fileio import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +55,11 @@ def _build() -> ctypes.CDLL:
     key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, *FLAGS, _cpu_id()]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"convpool-{key}.so"
     if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            staged = Path(tmp) / target.name
+        with atomic_path(target) as staged:  # a concurrent build or a crash never leaves half a library
             run = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(staged), "-lm"], capture_output=True,
                                  text=True, errors="replace", timeout=300)
             if run.returncode != 0:
                 raise OSError(f"{cc} failed: {run.stderr.strip()[-500:]}")
-            os.replace(staged, target)  # atomic: a concurrent build or a crash never leaves half a library
     lib = ctypes.CDLL(str(target))
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     for name in LAYERS.values():
