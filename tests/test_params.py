@@ -85,9 +85,9 @@ def stage(name):
 def test_every_key_a_stage_reads_is_declared_in_dvc_yaml():
     train_keys = set(params.TRAIN_KEYS) - set(params.EVAL_ONLY_KEYS)
     assert set(stage("train")["params"]) == train_keys
-    assert set(stage("evaluate")["params"]) == {"tta", "device"}
+    assert set(stage("evaluate")["params"]) == {"tta", *params.RUNTIME_KEYS}
     assert stage("transform")["params"] == ["data"]
-    assert set(stage("sweep")["params"]) == {"sweep", "device"}
+    assert set(stage("sweep")["params"]) == {"sweep", *params.RUNTIME_KEYS}
 
 
 def test_train_stage_rejects_bad_params_before_any_work(tmp_path):

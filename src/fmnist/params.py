@@ -45,6 +45,8 @@ MODELS = ("network", "fastnet")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("onecycle", "constant")
 DEVICES = ("auto", "cpu", "cuda")
+CPU_KERNELS = ("fused", "torch")
+NUMERICS = ("portable", "native")
 
 
 @dataclass(frozen=True)
@@ -65,11 +67,21 @@ class TrainParams:
     tta: bool = _spec(False, bool, "true or false (average predictions over flipped test images)")
     seed: int = _spec(0, int, "a non-negative integer", lambda v: v >= 0)
     device: str = _spec("auto", str, f"one of {', '.join(DEVICES)}", lambda v: v in DEVICES)
+    cpu_kernel: str = _spec(
+        "fused", str, f"one of {', '.join(CPU_KERNELS)} (the seed Network's conv layers on the CPU)",
+        lambda v: v in CPU_KERNELS,
+    )
+    numerics: str = _spec(
+        "portable", str, f"one of {', '.join(NUMERICS)} (CPU instruction set of PyTorch's kernels)",
+        lambda v: v in NUMERICS,
+    )
 
 
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainParams))
 EVAL_ONLY_KEYS = ("tta",)  # read by evaluate, not by train: changing them must not retrain
-UNSWEPT_KEYS = EVAL_ONLY_KEYS + ("device",)  # a sweep trains every run on one device
+# how a run computes, not what it trains: a sweep takes them from the top level for every run
+RUNTIME_KEYS = ("device", "cpu_kernel", "numerics")
+UNSWEPT_KEYS = EVAL_ONLY_KEYS + RUNTIME_KEYS
 
 
 def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
@@ -150,10 +162,10 @@ def training_values(p: TrainParams) -> dict[str, Any]:
 def sweep_runs(raw: Mapping[str, Any], runs: list) -> list[TrainParams]:
     """The training parameters of each sweep run: its grid values over the built-in defaults.
 
-    A sweep is self-contained: only ``device`` comes from the top level, so editing a top-level
+    A sweep is self-contained: only the runtime keys (``device``, ``cpu_kernel``, ``numerics``) come from the top level, so editing a top-level
     training key (``dvc exp run -S lr=...``) neither changes nor reruns the sweep.
     """
-    base = {"device": raw["device"]} if "device" in raw else {}
+    base = {k: raw[k] for k in RUNTIME_KEYS if k in raw}
     return [train_params(base, **run._asdict()) for run in runs]
 
 
