@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,11 +120,81 @@ def _build(cls, values: Mapping[str, Any], prefix: str = ""):
     return cls(**{k: _coerce(prefix + k, v, fields[k]) for k, v in values.items()})
 
 
+_CORE = "tag:yaml.org,2002:"
+# ruamel.yaml's YAML 1.2 patterns for plain scalars (ruamel/yaml/resolver.py, the (1, 2) entries, in its order):
+# (tag, pattern, the first characters it can start with)
+_YAML12_SCALARS = (
+    ("bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+    ("float", r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |[-+]?\.[0-9_]+(?:[eE][-+][0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", "-+0123456789."),
+    ("int", r"""^(?:[-+]?0b[0-1_]+
+                 |[-+]?0o?[0-7_]+
+                 |[-+]?[0-9_]+
+                 |[-+]?0x[0-9a-fA-F_]+)$""", "-+0123456789"),
+    ("null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
+)
+
+
+def _yaml12_resolvers() -> dict:
+    """SafeLoader's implicit resolvers with YAML 1.1's bool, int, float and null patterns replaced by 1.2's."""
+    replaced = {_CORE + tag for tag, _, _ in _YAML12_SCALARS}
+    table = {
+        first: [(tag, rx) for tag, rx in resolvers if tag not in replaced]  # keeps timestamps, merge keys, ...
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    for tag, pattern, firsts in _YAML12_SCALARS:
+        for first in firsts:
+            table.setdefault(first, []).append((_CORE + tag, re.compile(pattern, re.X)))
+    return table
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    """An int as YAML 1.2 writes it: ``0b``, ``0o`` and ``0x`` prefixes; a leading ``0`` alone is decimal."""
+    text = loader.construct_scalar(node)
+    value = text.replace("_", "")
+    sign = -1 if value[:1] == "-" else 1
+    digits = value.lstrip("+-")
+    base = {"0b": 2, "0o": 8, "0x": 16}.get(digits[:2], 10)
+    try:
+        return sign * int(digits[2:] if base != 10 else digits, base)
+    except ValueError:
+        raise yaml.constructor.ConstructorError(None, None, f"not an integer: {text!r}", node.start_mark) from None
+
+
+class Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader reading plain scalars as YAML 1.2, the way DVC (ruamel.yaml) reads params.yaml.
+
+    PyYAML implements YAML 1.1, where ``1e-3`` is a string, ``yes``/``on`` are booleans, ``017``
+    is octal and ``1:20`` is sexagesimal 80; DVC reads the same file as 1.2 (``0.001``, ``'yes'``,
+    ``17``, ``'1:20'``). The patterns are ruamel.yaml's, which unlike the strict 1.2 core schema
+    also allow ``_`` between digits; a key given twice is an error, as in DVC.
+    """
+
+    yaml_implicit_resolvers = _yaml12_resolvers()
+    yaml_constructors = {**yaml.SafeLoader.yaml_constructors, _CORE + "int": _construct_int}
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key, _ in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.tag != _CORE + "merge":
+                    if (key.tag, key.value) in seen:
+                        line = key.start_mark.line + 1
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"key {key.value!r} given twice (line {line})", key.start_mark
+                        )
+                    seen.add((key.tag, key.value))
+        return super().construct_mapping(node, deep=deep)
+
+
 def load(path: str | Path = "params.yaml") -> dict[str, Any]:
-    """Read params.yaml and reject top-level keys that no stage knows."""
+    """Read params.yaml as DVC reads it (YAML 1.2) and reject top-level keys that no stage knows."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=Yaml12Loader)  # noqa: S506 (a SafeLoader)
     except FileNotFoundError:
         raise ParamsError(f"{path}: file not found") from None
     except yaml.YAMLError as e:

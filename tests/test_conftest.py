@@ -1,0 +1,34 @@
+"""The shared fixtures' own guarantees."""
+
+import os
+import subprocess
+import sys
+
+from .conftest import ROOT
+
+USES_MIRROR = "def test_uses_the_mirror(mirror):\n    assert mirror.is_dir()\n"
+
+
+def run_with_mirror(tmp_path, ci):
+    """pytest, in a fresh process, on one test that uses the ``mirror`` fixture, the mirror folder empty."""
+    (tmp_path / "test_probe.py").write_text(USES_MIRROR)
+    (tmp_path / "empty").mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    env.update(FMNIST_MIRROR=str(tmp_path / "empty"), PYTHONPATH=str(ROOT), **({"CI": ci} if ci else {}))
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rfs", "-p", "tests.conftest", "-p", "no:cacheprovider",
+         "--rootdir", str(tmp_path), "-c", os.devnull, str(tmp_path / "test_probe.py")],
+        capture_output=True, text=True, cwd=tmp_path, env=env,
+    )
+
+
+def test_a_missing_mirror_fails_in_ci(tmp_path):
+    proc = run_with_mirror(tmp_path, "true")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "1 error" in proc.stdout and f"the Fashion-MNIST mirror is not at {tmp_path / 'empty'}" in proc.stdout
+
+
+def test_a_missing_mirror_skips_outside_ci(tmp_path):
+    proc = run_with_mirror(tmp_path, None)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "1 skipped" in proc.stdout and f"the Fashion-MNIST mirror is not at {tmp_path / 'empty'}" in proc.stdout
