@@ -1,5 +1,9 @@
 """Errors a user can act on: each carries one line that names the file or key and what is wrong."""
 
+from __future__ import annotations
+
+import os
+
 
 class PipelineError(Exception):
     """A problem with the user's parameters, data or environment, reported as one line, no traceback."""
@@ -15,3 +19,23 @@ class DataError(PipelineError):
 
 class SourceError(PipelineError):
     """A download source (mirror or official location) that cannot provide a file."""
+
+
+class OutputError(PipelineError):
+    """An output that cannot be written: disk full, permission denied, read-only folder, file too large."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path, self.reason = os.fspath(path), reason
+        super().__init__(f"{self.path}: cannot write ({reason})")
+
+
+class Terminated(BaseException):
+    """The process was asked to stop by a signal (SIGTERM, SIGHUP).
+
+    A ``BaseException``, like ``KeyboardInterrupt``, so that ``except Exception`` blocks let it
+    through and only ``finally`` clauses (which remove staged outputs) run on the way out.
+    """
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(signum)

@@ -1,18 +1,36 @@
 """Atomic output: every file is written beside its target under a temporary name, then renamed.
 
-A crash or an error therefore never leaves a half-written model, metric or data file.
+A crash or an error therefore never leaves a half-written model, metric or data file. A temporary
+is named ``.{target name}.{pid}.{random}.tmp``: the pid says who is writing it, so a later write
+of the same target removes the ones whose process no longer exists (a run killed with SIGKILL,
+whose ``finally`` clauses never ran) and keeps those of a live, concurrent writer.
+
+A file-system error while writing (disk full, permission denied, read-only folder, file too
+large) becomes an :class:`~fmnist.errors.OutputError` naming the target, not the temporary.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
+import urllib.error
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from .errors import OutputError
+
+log = logging.getLogger(__name__)
+
+# OSErrors that say nothing about the file system: they pass through unchanged.
+_NOT_FILE_ERRORS = (ConnectionError, TimeoutError, socket.gaierror, socket.herror, urllib.error.URLError)
+_MAX_PID = 2**31 - 1
 
 
 def _umask() -> int:
@@ -21,18 +39,113 @@ def _umask() -> int:
     return mask
 
 
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temps(target: str | os.PathLike) -> list[Path]:
+    """Remove ``target``'s temporaries left by processes that no longer exist; return what was removed.
+
+    Only names of the exact form ``.{target name}.{pid}.{random}.tmp`` beside ``target`` are
+    considered, and those of a live process (a concurrent writer) are kept.
+    """
+    target = Path(target)
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(\d+)\.[a-z0-9_]+\.tmp")
+    removed = []
+    try:
+        entries = list(os.scandir(target.parent))
+    except OSError:
+        return removed  # the folder is missing or unreadable: creating the temporary will say so
+    for entry in entries:
+        m = pattern.fullmatch(entry.name)
+        if m is None or not 0 < int(m[1]) <= _MAX_PID or _process_exists(int(m[1])):
+            continue
+        path = Path(entry.path)
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except OSError as e:
+            log.warning("cannot remove %s, left by process %s that no longer exists: %s", path, m[1], e.strerror or e)
+            continue
+        log.info("removed %s, left by process %s that no longer exists", path, m[1])
+        removed.append(path)
+    return removed
+
+
+def _reason(e: OSError) -> str:
+    """The system's words for ``e`` (``No space left on device``), else its message, on one line."""
+    return e.strerror or " ".join(str(e).split()) or type(e).__name__
+
+
+def _inside(path: object, folder: Path) -> Path | None:
+    """``path`` relative to ``folder`` when it is ``folder`` or below it, else None."""
+    try:
+        path, folder = Path(os.path.abspath(os.fsdecode(path))), Path(os.path.abspath(folder))
+    except (TypeError, ValueError):  # not a path at all
+        return None
+    if path == folder or folder in path.parents:
+        return path.relative_to(folder)
+    return None
+
+
+def _as_output_error(e: BaseException, target: Path, temp: Path) -> BaseException:
+    """An error raised while ``temp`` was being filled, as an error about ``target`` where it is one.
+
+    Errors about other files (an input that cannot be read) and errors that are not about files
+    pass through unchanged, as does anything that is not an OSError: programming errors keep
+    their traceback.
+    """
+    if isinstance(e, OutputError):  # from a write nested inside a staging folder
+        rel = _inside(e.path, temp)
+        return e if rel is None else OutputError(target / rel, e.reason)
+    if isinstance(e, RuntimeError) and isinstance(e.__context__, OSError):
+        # torch.save reports a failed write as a RuntimeError raised while handling the OSError
+        converted = _as_output_error(e.__context__, target, temp)
+        return e if converted is e.__context__ else converted
+    if not isinstance(e, OSError) or isinstance(e, _NOT_FILE_ERRORS):
+        return e
+    if e.filename is None:
+        return OutputError(target, _reason(e))
+    rel = _inside(e.filename, temp)
+    return e if rel is None else OutputError(target / rel, _reason(e))
+
+
+@contextlib.contextmanager
+def _setting_up(target: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as e:  # the folder cannot be made, or holds no room for even an empty file
+        raise OutputError(target, _reason(e)) from e
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; rename it onto ``target`` if the block succeeds."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    tmp.chmod(0o666 & ~_umask())  # mkstemp makes 0600; outputs should look like any other file
+    with _setting_up(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(target)
+        tmp = _make_temp(target, folder=False, mode=0o666)
     try:
-        yield tmp
-        os.replace(tmp, target)
+        try:
+            yield tmp
+        except BaseException as e:
+            converted = _as_output_error(e, target, tmp)
+            if converted is e:
+                raise
+            raise converted from e
+        try:
+            os.replace(tmp, target)
+        except OSError as e:
+            raise OutputError(target, _reason(e)) from e
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -44,16 +157,74 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     On failure the staging folder is removed and ``target`` is left as it was.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    staging.chmod(0o777 & ~_umask())
+    with _setting_up(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(target)
+        staging = _make_temp(target, folder=True, mode=0o777)
+    old, committed = None, False
     try:
-        yield staging
-        if target.exists():
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
-        os.replace(staging, target)
+        try:
+            yield staging
+        except BaseException as e:
+            converted = _as_output_error(e, target, staging)
+            if converted is e:
+                raise
+            raise converted from e
+        try:
+            # The previous output is renamed aside, not deleted, until the new one is in place: an
+            # interruption between the two renames puts it back (below), and deleting 55 MB is
+            # never the moment a signal or a full disk can leave half a folder.
+            if os.path.lexists(target):
+                old = _make_temp(target, folder=target.is_dir() and not target.is_symlink())
+                os.replace(target, old)  # onto the empty placeholder that reserved the name
+            os.replace(staging, target)
+            committed = True
+        except OSError as e:
+            raise OutputError(target, _reason(e)) from e
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if not committed and old is not None and not os.path.lexists(target):
+            try:
+                os.replace(old, target)
+            except OSError as e:  # leave it where it is: it is the only copy
+                log.warning("cannot put %s back in place of %s: %s", old, target, _reason(e))
+            old = None
+        _remove(staging)
+        if old is not None:
+            _remove(old)
+
+
+def _make_temp(target: Path, folder: bool, mode: int | None = None) -> Path:
+    """A new, empty temporary file or folder beside ``target``, named after it and this process.
+
+    ``mode`` (less the umask) replaces the 0600/0700 that tempfile gives: outputs should look like
+    any other file.
+    """
+    prefix = f".{target.name}.{os.getpid()}."
+    if folder:
+        path = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=target.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        path = Path(name)
+    if mode is not None:
+        try:
+            path.chmod(mode & ~_umask())
+        except BaseException:
+            _remove(path)
+            raise
+    return path
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        for _ in range(10):  # a writer thread still running (TensorBoard's) may add a file while the tree goes
+            shutil.rmtree(path, ignore_errors=True)
+            if not os.path.lexists(path):
+                return
+        log.warning("cannot remove %s", path)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
