@@ -55,10 +55,10 @@ def sync(device: torch.device) -> None:
 
 def flops_per_image(model_name: str, device: torch.device, batch: int = 100) -> float:
     """Floating-point operations of one training step (forward and backward), per image."""
-    model = build_model(model_name).to(device)
+    model = build_model(model_name, cpu_kernel="torch").to(device)  # the counter sees PyTorch's ops only
     x = torch.randn(batch, 1, 28, 28, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
-    with FlopCounterMode(display=False) as counter, kernels.disabled():  # the counter sees PyTorch's ops only
+    with FlopCounterMode(display=False) as counter:
         F.cross_entropy(model(x), y).backward()
     return counter.get_total_flops() / batch
 
@@ -88,11 +88,12 @@ class ProjectLoop:
         self.train, self.device = train, device
         self.p = params.train_params({}, model="network", optimizer="adam", lr=0.01, weight_decay=0.0,
                                      batch_size=batch_size, schedule="constant")
-        self.model = build_model("network").to(device, memory_format=torch.channels_last)
+        cpu_kernel = self.p.cpu_kernel if device.type == "cpu" else "torch"  # as engine.train_run chooses
+        self.model = build_model("network", cpu_kernel=cpu_kernel).to(device, memory_format=torch.channels_last)
         self.opt, _, self.gen = training_state(self.model, self.p, len(train), device)  # constant: no scheduler
         self.manager = RunManager(stream=io.StringIO())
         self.manager.begin_run(None, self.model, name="bench")
-        # a few steps first, so one-time set-up (oneDNN primitives, the C kernels, CUDA) is not timed
+        # a few steps first, so one-time set-up (oneDNN primitives, the C++ kernel, CUDA) is not timed
         n = 20 * batch_size
         train_one_epoch(self.model, type(train)(train.x[:n], train.y[:n]), self.opt, None, self.p, self.gen)
 
@@ -109,7 +110,8 @@ class ProjectLoop:
 
 def project_time_to_accuracy(p, train, test, device, target: float) -> dict:
     """Train with ``p``; after each epoch measure test accuracy (not timed). Training seconds to ``target``."""
-    model = build_model(p.model, p.width, p.seed).to(device, memory_format=torch.channels_last)
+    cpu_kernel = p.cpu_kernel if device.type == "cpu" else "torch"  # as engine.train_run chooses
+    model = build_model(p.model, p.width, p.seed, cpu_kernel).to(device, memory_format=torch.channels_last)
     opt, sched, gen = training_state(model, p, len(train), device)
     manager = RunManager(stream=io.StringIO())
     manager.begin_run(None, model, name="bench")
@@ -165,7 +167,7 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                    + (torch.cuda.get_device_name() if device.type == "cuda" else "CPU"),
         "torch": torch.__version__,
-        "conv_kernels": "fused C (fmnist.kernels)" if device.type == "cpu" and kernels.library() else "PyTorch",
+        "conv_kernels": kernels.status() if device.type == "cpu" else "PyTorch",
     }
     print(f"machine: {results['machine']}; torch {torch.__version__}; the Network's conv layers: "
           f"{results['conv_kernels']}", flush=True)

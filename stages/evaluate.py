@@ -5,10 +5,10 @@ from pathlib import Path
 
 import torch.nn.functional as F
 
-from fmnist import cli, params
+from fmnist import cli, params, runtime
 from fmnist.checkpoint import load_checkpoint
 from fmnist.data import load_processed
-from fmnist.engine import make_deterministic, predict, resolve_device, to_device
+from fmnist.engine import predict, to_device
 from fmnist.evaluation import (
     confusion_matrix, per_class_accuracy, save_confusion_png, save_misclassified_png, write_confusion_csv,
 )
@@ -23,20 +23,22 @@ def main() -> None:
     parser.add_argument("--metrics", default="metrics/eval.json")
     parser.add_argument("--confusion", default="metrics/confusion.csv", help="DVC confusion plot data")
     parser.add_argument("--plots", default="plots", help="folder for confusion.png and misclassified.png")
+    parser.add_argument("--env", default="metrics/eval_env.json", help="what the predictions computed on")
     args = parser.parse_args()
 
     p = params.train_params(params.load(args.params))
-    make_deterministic()
-    device = resolve_device(p.device)
-    model, info = load_checkpoint(args.model, device)
+    device = runtime.configure(p)  # numerics pinned before the first tensor exists
+    model, info = load_checkpoint(args.model, device, cpu_kernel=p.cpu_kernel if device.type == "cpu" else "torch")
     data = load_processed(args.data)
     norm = info["normalize"]
     test = to_device(data.test, norm["mean"], norm["std"], device)
 
-    logits = predict(model, test.x, tta=p.tta)
+    with runtime.ThreadShare() as threads:
+        threads.rebalance(p, device.type)
+        logits = predict(model, test.x, tta=p.tta)
     preds = logits.argmax(1)
     cm = confusion_matrix(preds, test.y)
-    accuracy = cm.diagonal().sum().item() / cm.sum().item()
+    accuracy = cm.diagonal().sum().item() / cm.sum().item()  # exact: a fraction of two counts
     write_json(args.metrics, {
         "test_loss": F.cross_entropy(logits, test.y).item(),
         "test_accuracy": accuracy,
@@ -45,6 +47,7 @@ def main() -> None:
     write_confusion_csv(args.confusion, preds, test.y)
     save_confusion_png(Path(args.plots) / "confusion.png", cm, f"{info['model']}: test accuracy {accuracy:.2%}")
     save_misclassified_png(Path(args.plots) / "misclassified.png", data.test.images, test.y, preds)
+    write_json(args.env, runtime.environment(p, device, threads.cores))
 
 
 if __name__ == "__main__":

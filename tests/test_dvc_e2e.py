@@ -79,6 +79,16 @@ def test_second_repro_does_nothing(repo, reproduced):
     assert "Running stage" not in out
 
 
+def test_a_forced_rerun_with_nothing_changed_leaves_git_clean(repo, reproduced):
+    # every file kept in git (metrics, plot data, the run environment) is a function of the inputs:
+    # no timings, no thread counts that vary with load; and the checkpoints come out bit for bit
+    lock = (repo / "dvc.lock").read_text()
+    out = sh(repo, "dvc", "repro", "--force", "train", "evaluate", "sweep").stdout
+    assert "Running stage 'train'" in out and "Running stage 'sweep'" in out
+    assert sh(repo, "git", "status", "--porcelain").stdout == ""
+    assert (repo / "dvc.lock").read_text() == lock
+
+
 def test_exp_run_with_a_new_lr_reruns_train_and_evaluate_only_and_diffs_show_it(repo, reproduced):
     old_lr = yaml.safe_load((repo / "params.yaml").read_text())["lr"]
     assert old_lr != 0.02

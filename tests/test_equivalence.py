@@ -1,24 +1,26 @@
 """The project's training path computes what the seed's DataLoader loop computes, only faster."""
 
-import contextlib
 import io
 
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from fmnist import kernels, params
+from fmnist import params
 from fmnist.data import FashionMNIST, load_processed
 from fmnist.engine import make_optimizer, to_device, train_one_epoch
 from fmnist.models import build_model
 from fmnist.reference import seed_network, seed_train_epoch
 from fmnist.tracking import RunBuilder, RunManager
 
+from .test_kernels import require_fused_kernel
+
 
 def one_epoch_both_ways(processed_small, p):
     """One epoch of the project's path and of the seed's loop from the same weights and batch order."""
     data = load_processed(processed_small)
-    model = build_model("network", seed=0).to(memory_format=torch.channels_last)  # as train_run does
+    model = build_model("network", seed=0, cpu_kernel=p.cpu_kernel)
+    model = model.to(memory_format=torch.channels_last)  # as train_run does
     seed_model = seed_network(seed=0)  # the same weights, on PyTorch's layers with ReLU before pooling
 
     # the project's path: data on the device, batches as slices of a seeded permutation
@@ -40,16 +42,18 @@ def one_epoch_both_ways(processed_small, p):
     return ours, seed_loss, seed_correct / len(train), model, seed_model
 
 
-@pytest.mark.parametrize("layers", ["fused", "pytorch"])
+@pytest.mark.parametrize("cpu_kernel", ["fused", "torch"])
 @pytest.mark.parametrize("batch_size", [32, 100])
-def test_one_epoch_matches_the_seed_loop_given_the_same_weights_and_batch_order(processed_small, batch_size, layers):
+def test_one_epoch_matches_the_seed_loop_given_the_same_weights_and_batch_order(processed_small, batch_size,
+                                                                                cpu_kernel):
+    if cpu_kernel == "fused":
+        require_fused_kernel()
     p = params.train_params({}, optimizer="adam", lr=0.005, weight_decay=0.0, batch_size=batch_size,
-                            schedule="constant", seed=3)
-    with contextlib.nullcontext() if layers == "fused" else kernels.disabled():
-        ours, seed_loss, seed_accuracy, model, seed_model = one_epoch_both_ways(processed_small, p)
+                            schedule="constant", seed=3, cpu_kernel=cpu_kernel)
+    ours, seed_loss, seed_accuracy, model, seed_model = one_epoch_both_ways(processed_small, p)
     assert ours["loss"] == pytest.approx(seed_loss, rel=1e-5)
     assert ours["accuracy"] == pytest.approx(seed_accuracy, abs=1.01 / 600)  # at most one of 600 predictions apart
-    if layers == "pytorch":  # the same kernels in another order: the weights agree to rounding
+    if cpu_kernel == "torch":  # the same kernels in another order: the weights agree to rounding
         for (name, a), b in zip(model.named_parameters(), seed_model.parameters()):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
     # With the fused kernel the float additions run in another order, so a conv output within
@@ -61,8 +65,9 @@ def test_one_epoch_matches_the_seed_loop_given_the_same_weights_and_batch_order(
 
 def test_sgd_epoch_with_the_fused_kernel_gives_the_seed_loops_weights(processed_small):
     # the weights move by about 2.5e-3 in this epoch; a wrong gradient would put them that far apart
+    require_fused_kernel()
     p = params.train_params({}, optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=0.0, batch_size=100,
-                            schedule="constant", seed=3)
+                            schedule="constant", seed=3, cpu_kernel="fused")
     ours, seed_loss, _, model, seed_model = one_epoch_both_ways(processed_small, p)
     assert ours["loss"] == pytest.approx(seed_loss, rel=1e-5)
     for (name, a), b in zip(model.named_parameters(), seed_model.parameters()):

@@ -39,8 +39,9 @@ def run_sweep(tmp_path, processed, sweep, **top_level):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     return subprocess.run(
         [sys.executable, str(ROOT / "stages" / "sweep.py"), "--data", str(processed),
-         "--params", str(tmp_path / "params.yaml"), "--results", str(tmp_path / "metrics" / "sweep"),
-         "--best", str(tmp_path / "metrics" / "sweep_best.json"), "--logdir", str(tmp_path / "runs")],
+         "--params", str(tmp_path / "params.yaml"), "--results", str(tmp_path / "metrics" / "sweep.csv"),
+         "--best", str(tmp_path / "metrics" / "sweep_best.json"), "--env", str(tmp_path / "metrics" / "env.json"),
+         "--logdir", str(tmp_path / "runs")],
         capture_output=True, text=True,
     )
 
@@ -57,18 +58,21 @@ def test_sweep_writes_rows_best_run_and_tensorboard_per_run(tmp_path, processed_
     assert proc.returncode == 0, proc.stderr
     df = pd.read_csv(tmp_path / "metrics" / "sweep.csv")
     assert len(df) == 1 + 2 + 1 + 2  # one row per run and epoch
-    assert {"run", "epoch", "loss", "accuracy", "epoch_duration", "run_duration", "val_loss", "val_accuracy",
-            "lr", "epochs"} <= set(df.columns)
+    assert set(df.columns) == {"run", "name", "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "epochs"}
     assert df.groupby("run")["epoch"].max().tolist() == [1, 2, 1, 2]
-    rows = json.loads((tmp_path / "metrics" / "sweep.json").read_text())
-    assert len(rows) == len(df)
+    # the seed's full table, timings included, lives with the logs DVC caches, not in git
+    table = pd.read_csv(tmp_path / "runs" / "runs.csv")
+    assert {"epoch_duration", "run_duration"} <= set(table.columns)
+    assert table.drop(columns=["epoch_duration", "run_duration"]).equals(df)
+    assert len(json.loads((tmp_path / "runs" / "runs.json").read_text())) == len(df)
+    assert sorted(p.name for p in (tmp_path / "metrics").iterdir()) == ["env.json", "sweep.csv", "sweep_best.json"]
 
     best = json.loads((tmp_path / "metrics" / "sweep_best.json").read_text())
     finals = df.groupby("run").last()
     assert best["val_accuracy"] == pytest.approx(finals["val_accuracy"].max())
     assert best["params"] == {"lr": finals.loc[best["run"], "lr"], "epochs": finals.loc[best["run"], "epochs"]}
 
-    names = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    names = sorted(p.name for p in (tmp_path / "runs").iterdir() if p.is_dir())
     assert names == ["lr=0.001,epochs=1", "lr=0.001,epochs=2", "lr=0.01,epochs=1", "lr=0.01,epochs=2"]
     acc = EventAccumulator(str(tmp_path / "runs" / "lr=0.01,epochs=2"), size_guidance={"histograms": 0}).Reload()
     assert len(acc.Scalars("Accuracy/val")) == 2
@@ -79,14 +83,14 @@ def test_sweep_writes_rows_best_run_and_tensorboard_per_run(tmp_path, processed_
     assert [row[:2] for row in table] == [["2", "1"], ["2", "2"]]  # the live table: a row per epoch
 
 
-def test_sweep_runs_take_grid_values_over_defaults_and_only_device_from_the_top_level():
+def test_sweep_runs_take_grid_values_over_defaults_and_only_runtime_keys_from_the_top_level():
     from fmnist.tracking import RunBuilder
 
-    raw = {"lr": 0.5, "optimizer": "adam", "batch_size": 7, "device": "cpu",
+    raw = {"lr": 0.5, "optimizer": "adam", "batch_size": 7, "device": "cpu", "cpu_kernel": "torch", "numerics": "native",
            "sweep": {"lr": [0.01, 0.02], "epochs": [3]}}
     runs = RunBuilder.get_runs(params.sweep_grid(raw))
     configs = params.sweep_runs(raw, runs)
     defaults = params.TrainParams()
     assert [(c.lr, c.epochs) for c in configs] == [(0.01, 3), (0.02, 3)]
     assert all(c.optimizer == defaults.optimizer and c.batch_size == defaults.batch_size for c in configs)
-    assert all(c.device == "cpu" for c in configs)
+    assert all((c.device, c.cpu_kernel, c.numerics) == ("cpu", "torch", "native") for c in configs)

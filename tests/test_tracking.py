@@ -79,3 +79,35 @@ def test_tensorboard_log_has_scalars_histograms_image_graph_and_hparams(tmp_path
     assert "images" in tags["images"] and tags["graph"]
     plugins = acc.PluginTagToContent("hparams")
     assert "_hparams_/session_start_info" in plugins
+
+
+def log_one_run(root, x):
+    torch.manual_seed(0)
+    net = Network()
+    m = RunManager(log_root=root, stream=io.StringIO())
+    m.begin_run(RunBuilder.get_runs({"lr": [0.1]})[0], net, example=x)
+    for epoch in range(2):
+        m.begin_epoch()
+        loss = net(x).sum()
+        loss.backward()
+        m.track_loss(loss, len(x))
+        m.end_epoch(0.3, 0.9)
+    m.end_run(hparams={"lr": 0.1}, metrics={"val_accuracy": 0.9})
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_tensorboard_logs_of_the_same_run_are_the_same_bytes(tmp_path):
+    # DVC hashes runs/train and runs/sweep into dvc.lock: wall-clock stamps would change it on every rerun
+    import time
+
+    x = torch.randn(8, 1, 28, 28)
+    first = log_one_run(tmp_path / "a", x)
+    time.sleep(1.1)  # a different second for TensorBoard's file names and stamps
+    second = log_one_run(tmp_path / "b", x)
+    assert first == second
+    assert [p.name for p in first] == ["events.out.tfevents.0000000000.fmnist", "events.out.tfevents.0000000001.fmnist"]
+    acc = EventAccumulator(str(tmp_path / "a" / "lr=0.1"), size_guidance={"histograms": 0}).Reload()
+    assert [(s.step, s.wall_time, s.value) for s in acc.Scalars("Accuracy/val")] == [
+        (1, 1.0, pytest.approx(0.9)), (2, 2.0, pytest.approx(0.9))]
+    assert "_hparams_/session_start_info" in acc.PluginTagToContent("hparams")
+    assert acc.Tags()["graph"] and "images" in acc.Tags()["images"]

@@ -15,7 +15,10 @@ from .params import TrainParams, training_values
 FORMAT = 1
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, p: TrainParams, mean: float, std: float) -> None:
+def save_checkpoint(
+    path: str | Path, model: nn.Module, p: TrainParams, mean: float, std: float, environment: dict | None = None
+) -> None:
+    """Write the weights with what rebuilds and feeds them, and the ``environment`` they were trained in."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     payload = {
         "format": FORMAT,
@@ -23,14 +26,20 @@ def save_checkpoint(path: str | Path, model: nn.Module, p: TrainParams, mean: fl
         "width": p.width,
         "params": training_values(p),
         "normalize": {"mean": mean, "std": std},
+        "environment": environment or {},
         "state_dict": state,
     }
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.save(payload, f)  # a file object, not a path: the archive's folder name is then fixed
 
 
-def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
-    """(model on ``device`` in eval mode, the checkpoint's metadata); ``weights_only=True`` runs no pickled code."""
+def load_checkpoint(
+    path: str | Path, device: torch.device | str = "cpu", cpu_kernel: str = "fused"
+) -> tuple[nn.Module, dict]:
+    """(model on ``device`` in eval mode, the checkpoint's metadata); ``weights_only=True`` runs no pickled code.
+
+    ``cpu_kernel``: how the seed Network's conv layers run on the CPU (params.yaml's ``cpu_kernel``).
+    """
     path = Path(path)
     try:
         payload = torch.load(path, map_location=device, weights_only=True)
@@ -41,7 +50,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise DataError(f"{path}: not a checkpoint written by this project (format {FORMAT})")
     try:
-        model = build_model(payload["model"], payload["width"])
+        model = build_model(payload["model"], payload["width"], cpu_kernel=cpu_kernel)
         model.load_state_dict(payload["state_dict"])
     except (KeyError, RuntimeError) as e:
         raise DataError(f"{path}: checkpoint does not match its model ({type(e).__name__}: {str(e).splitlines()[0]})") from None

@@ -1,95 +1,159 @@
-"""The seed Network's convolution -> max-pool -> ReLU layers as one C kernel on the CPU (``convpool.c``).
+"""The seed Network's convolution -> max-pool -> ReLU layers as one C++ operator on the CPU.
 
-The C file is compiled on first use with the system compiler (``cc -O3 -march=native -fopenmp``)
-into a cache folder keyed by the source, the flags and the CPU, then loaded with ``ctypes``.
-Without a compiler, or with ``FMNIST_KERNELS=torch`` in the environment, :func:`conv_pool_relu`
-uses PyTorch's own layers: same mathematics, slower. Which one runs is logged once.
+``fmnist::conv_pool_relu(x, weight, bias) -> (out, idx)`` and its backward are defined in
+``csrc/convpool.cpp``, which setup.py compiles into the extension module ``fmnist._C`` when the
+package is installed (``make``, or ``pip install --no-build-isolation -e .``). This module
+registers their shapes (``register_fake``, for ``torch.compile``) and gradient
+(``register_autograd``) and checks, on first use, that the binary was built from the source file
+beside it: a binary from another version is stale and is not used.
+
+Which layers run is the caller's choice (params.yaml's ``cpu_kernel``), never a silent fallback:
+:func:`conv_pool_relu` with ``fused=True`` runs the operator wherever it computes exactly what
+PyTorch's layers would (float32 CPU tensors of the seed Network's two layer shapes) and raises a
+:class:`~fmnist.errors.PipelineError` there when the operator is not built; elsewhere (CUDA, other
+dtypes, shapes or settings, graph tracing, :func:`disabled`) PyTorch's layers run.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
-import logging
-import os
+import importlib
 import platform
-import shutil
-import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from .errors import PipelineError
-from .fileio import atomic_path
 
-log = logging.getLogger(__name__)
+SOURCE = Path(__file__).parent / "csrc" / "convpool.cpp"
+LAYERS = {(1, 5, 28), (5, 12, 12)}  # (in channels, out channels, image size) the operator is built for
+PLAIN = ((1, 1), (0, 0), (1, 1), 1, "zeros")  # stride, padding, dilation, groups, padding mode it computes
+REBUILD = "run make, or pip install --no-build-isolation -e ."
+OR_TORCH = "or set cpu_kernel: torch in params.yaml"
 
-SOURCE = Path(__file__).with_name("convpool.c")
-FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
-LAYERS = {(1, 5, 28): "conv1", (5, 12, 12): "conv2"}  # (in channels, out channels, size) -> C prefix
-_lib: ctypes.CDLL | None | bool = None  # None: not tried yet; False: unavailable
-_functions: dict[str, tuple] = {}  # C prefix -> (forward, backward), looked up once
+
+@dataclass(frozen=True)
+class _Library:
+    """The outcome of loading fmnist._C: usable or not, and a one-line description."""
+
+    ok: bool
+    status: str  # e.g. "fused (fmnist._C, x86-64 avx2, source sha256 3f2a...)", or why not
+    error: str = ""  # when not ok: one line saying what to do
+
+
+_state: _Library | None = None  # loaded on first use, not on import
+_registered = False
 _disabled = 0
 
 
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "fmnist"
+def source_sha256() -> str:
+    """SHA-256 of csrc/convpool.cpp as it is now (setup.py compiles the same hash into the binary)."""
+    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()
 
 
-def _cpu_id() -> str:
+def _import_extension():
+    return importlib.import_module(f"{__package__}._C")  # ModuleNotFoundError naming it when not built
+
+
+def _load() -> _Library:
+    """Import fmnist._C and check it against this machine, this torch and the source beside it."""
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    if x86 and not getattr(torch.cpu, "_is_avx2_supported", lambda: True)():  # setup.py builds it for AVX2
+        return _Library(False, "unusable: this CPU lacks AVX2",
+                        f"the fused CPU kernel is built for AVX2, which this CPU lacks; {OR_TORCH}")
     try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        flags = platform.processor()
-    return flags
+        ext = _import_extension()
+    except ModuleNotFoundError as err:
+        if err.name != f"{__package__}._C":
+            raise
+        return _Library(False, "not built (fmnist._C is missing)",
+                        "the fused CPU kernel is not built (needs a C++ compiler: install g++ and run make, "
+                        f"or pip install --no-build-isolation -e .); {OR_TORCH}")
+    except ImportError as err:  # e.g. an undefined symbol: built against another torch
+        why = str(err).splitlines()[0] if str(err) else type(err).__name__
+        return _Library(False, f"does not load ({why})",
+                        f"the fused CPU kernel does not load ({why}): {REBUILD}; {OR_TORCH}")
+    if not SOURCE.is_file():
+        return _Library(False, f"unverifiable: {SOURCE} is missing",
+                        f"the fused CPU kernel cannot be checked against its source ({SOURCE} is missing): "
+                        f"reinstall fmnist; {OR_TORCH}")
+    built, current = ext.SOURCE_SHA256, source_sha256()
+    if built != current:
+        return _Library(False, f"stale (built from source sha256 {built[:12]}, the source is now {current[:12]})",
+                        f"the fused CPU kernel is stale (built from another version of {SOURCE.name}): {REBUILD}; "
+                        f"{OR_TORCH}")
+    running = torch.__version__.split("+")[0]
+    if ext.TORCH_VERSION != running:
+        return _Library(False, f"stale (built for torch {ext.TORCH_VERSION}, running {running})",
+                        f"the fused CPU kernel was built for torch {ext.TORCH_VERSION}, not {running}: {REBUILD}; "
+                        f"{OR_TORCH}")
+    return _Library(True, f"fused ({ext.__name__}, {ext.ISA}, source sha256 {current[:12]}...)")
 
 
-def _build() -> ctypes.CDLL:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        raise OSError("no C compiler (cc or gcc) on PATH")
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, *FLAGS, _cpu_id()]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"convpool-{key}.so"
-    if not target.exists():
-        with atomic_path(target) as staged:  # a concurrent build or a crash never leaves half a library
-            run = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(staged), "-lm"], capture_output=True,
-                                 text=True, errors="replace", timeout=300)
-            if run.returncode != 0:
-                raise OSError(f"{cc} failed: {run.stderr.strip()[-500:]}")
-    lib = ctypes.CDLL(str(target))
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    for name in LAYERS.values():
-        forward, backward = getattr(lib, f"{name}_forward"), getattr(lib, f"{name}_backward")
-        forward.argtypes = [p, p, p, p, p, i64]
-        backward.argtypes = [p, p, p, p, p, p, p, i64]
-        backward.restype = ctypes.c_int
-        _functions[name] = forward, backward
-    return lib
+def _library() -> _Library:
+    global _state, _registered
+    if _state is None:
+        _state = _load()
+        if _state.ok and not _registered:
+            _register()
+            _registered = True
+    return _state
 
 
-def library() -> ctypes.CDLL | None:
-    """The compiled kernels, or None when they cannot be built or are switched off."""
-    global _lib
-    if _lib is None:
-        choice = os.environ.get("FMNIST_KERNELS", "c")
-        if choice not in ("c", "torch"):
-            raise PipelineError(f"FMNIST_KERNELS must be 'c' (the default) or 'torch', got {choice!r}")
-        if choice == "torch":
-            _lib = False
-            log.info("FMNIST_KERNELS=torch: the Network's conv layers run on PyTorch's kernels")
-        else:
-            try:
-                _lib = _build()
-                log.info("the Network's conv layers run on the fused C kernel (%s)", _lib._name)
-            except Exception as err:  # whatever went wrong, PyTorch's layers still work
-                _lib = False
-                log.warning("fused C kernel unavailable (%s); the Network's conv layers run on PyTorch's "
-                            "kernels (slower)", err)
-    return _lib or None
+def available() -> bool:
+    """Whether the fused operator is built, current and usable on this machine."""
+    return _library().ok
+
+
+def status() -> str:
+    """One line for a run's environment record: what runs the Network's conv layers on the CPU, or why not."""
+    return _library().status
+
+
+def require() -> None:
+    """Raise a one-line :class:`PipelineError` saying what to do when the fused operator cannot run."""
+    lib = _library()
+    if not lib.ok:
+        raise PipelineError(lib.error)
+
+
+def _register() -> None:
+    """Shapes and gradient of the C++ operators, for autograd and torch.compile."""
+    torch.library.register_fake("fmnist::conv_pool_relu")(_fake_forward)
+    torch.library.register_fake("fmnist::conv_pool_relu_backward")(_fake_backward)
+    torch.library.register_autograd("fmnist::conv_pool_relu", _backward, setup_context=_setup_context)
+    torch.library.register_autograd("fmnist::conv_pool_relu_backward", _refuse_double_backward)
+
+
+def _fake_forward(x, weight, bias):
+    size = (x.shape[-1] - 4) // 2
+    out = x.new_empty(x.shape[0], weight.shape[0], size, size)
+    return out, out.new_empty(out.shape, dtype=torch.uint8)
+
+
+def _fake_backward(x, weight, grad_out, idx, input_grad):
+    gx = x.new_empty(x.shape) if input_grad else x.new_empty(0)
+    return gx, weight.new_empty(weight.shape), weight.new_empty(weight.shape[0])
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, _ = inputs
+    ctx.save_for_backward(x, weight, output[1])  # output[1]: each output's window index
+
+
+def _backward(ctx, grad_out, _grad_idx):
+    x, weight, idx = ctx.saved_tensors
+    gx, gw, gb = torch.ops.fmnist.conv_pool_relu_backward(x, weight, grad_out, idx, ctx.needs_input_grad[0])
+    return gx if ctx.needs_input_grad[0] else None, gw, gb
+
+
+def _refuse_double_backward(ctx, *grads):
+    # say so rather than let autograd's fallback return a zero gradient with a warning
+    raise RuntimeError("fmnist::conv_pool_relu_backward is not differentiable: the fused kernel has no "
+                       "second derivatives (no double backward); use cpu_kernel: torch for them")
 
 
 @contextlib.contextmanager
@@ -103,53 +167,33 @@ def disabled():
         _disabled -= 1
 
 
-def _usable(x: torch.Tensor, conv: torch.nn.Conv2d) -> str | None:
-    """The C prefix for this layer, when the fused kernel computes exactly what ``conv`` would."""
-    w = conv.weight
-    if _disabled or torch.jit.is_tracing() or x.dim() != 4 or conv.bias is None:
-        return None
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in (x, w, conv.bias)):
-        return None
-    layout = (conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode)
-    plain = layout == ((1, 1), (0, 0), (1, 1), 1, "zeros")
-    name = LAYERS.get((w.shape[1], w.shape[0], x.shape[-1]))
-    if not plain or name is None or x.shape[1] != w.shape[1] or x.shape[-2] != x.shape[-1] or w.shape[-2:] != (5, 5):
-        return None
-    return name if library() is not None else None
+def _usable(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
+    """Whether the fused operator computes exactly what ``conv`` followed by pooling and ReLU would."""
+    w, b = conv.weight, conv.bias
+    if _disabled or torch.jit.is_tracing() or x.dim() != 4 or b is None:
+        return False
+    if not (x.is_cpu and w.is_cpu and b.is_cpu and x.dtype == w.dtype == b.dtype == torch.float32):
+        return False
+    if (conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode) != PLAIN:
+        return False
+    _, c_in, height, width = x.shape  # ints: comparing torch.Size slices goes through a slower path
+    c_out, w_in, kh, kw = w.shape
+    return (c_in, c_out, width) in LAYERS and w_in == c_in and height == width and kh == kw == 5
 
 
-class _ConvPoolReLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, name):
-        x = x.contiguous()  # NCHW; for one channel channels-last is the same memory
-        weight, bias = weight.contiguous(), bias.contiguous()
-        n, co, size = x.shape[0], weight.shape[0], (x.shape[-1] - 4) // 2
-        out = torch.empty(n, co, size, size, dtype=torch.float32)
-        idx = torch.empty(n, co, size, size, dtype=torch.uint8)
-        _functions[name][0](x.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr(), idx.data_ptr(), n)
-        ctx.save_for_backward(x, weight, idx)
-        ctx.name = name
-        return out
-
-    @staticmethod
-    @once_differentiable  # the kernel's gradients are not themselves differentiable: say so, not a wrong answer
-    def backward(ctx, gout):
-        x, weight, idx = ctx.saved_tensors
-        gout = gout.contiguous()
-        gx = torch.empty_like(x) if ctx.needs_input_grad[0] else None  # the kernel writes all of it
-        gw, gb = torch.empty_like(weight), torch.empty(weight.shape[0], dtype=torch.float32)
-        status = _functions[ctx.name][1](
-            x.data_ptr(), weight.data_ptr(), gout.data_ptr(), idx.data_ptr(), None if gx is None else gx.data_ptr(),
-            gw.data_ptr(), gb.data_ptr(), x.shape[0],
-        )
-        if status != 0:
-            raise MemoryError("fused conv-pool kernel: out of memory for the per-thread gradient sums")
-        return gx, gw, gb, None
+def _fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    require()
+    return torch.ops.fmnist.conv_pool_relu(x, weight, bias)[0]
 
 
-def conv_pool_relu(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
-    """``relu(max_pool2d(conv(x), 2))``: fused on the CPU for the seed Network's shapes, else PyTorch's layers."""
-    name = _usable(x, conv)
-    if name is None:
-        return F.relu(F.max_pool2d(conv(x), kernel_size=2, stride=2))
-    return _ConvPoolReLU.apply(x, conv.weight, conv.bias, name)
+def conv_pool_relu(x: torch.Tensor, conv: torch.nn.Conv2d, fused: bool = True) -> torch.Tensor:
+    """``relu(max_pool2d(conv(x), 2))`` [N, C_out, (H-4)/2, (W-4)/2]; the fused operator when ``fused``
+    and the layer is one it was built for, else PyTorch's layers."""
+    if fused and _usable(x, conv):
+        return _fused(x, conv.weight, conv.bias)
+    return F.relu(F.max_pool2d(conv(x), kernel_size=2, stride=2))
+
+
+if __name__ == "__main__":  # python -m fmnist.kernels: the status; exit status 1 when the operator is unusable
+    print(f"fused CPU kernel: {status()}")
+    raise SystemExit(0 if available() else 1)

@@ -11,15 +11,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .errors import ParamsError
-from .kernels import conv_pool_relu
+from .params import CPU_KERNELS
+
+
+def _checked_cpu_kernel(cpu_kernel: str) -> str:
+    if cpu_kernel not in CPU_KERNELS:
+        raise ParamsError(f"params.yaml: cpu_kernel must be one of {', '.join(CPU_KERNELS)}, got {cpu_kernel!r}")
+    return cpu_kernel
 
 
 class Network(nn.Module):
-    """The seed's CNN: two 5x5 convolutions with 2x2 max-pooling, three linear layers (32,672 parameters)."""
+    """The seed's CNN: two 5x5 convolutions with 2x2 max-pooling, three linear layers (32,672 parameters).
 
-    def __init__(self):
+    ``cpu_kernel``: ``fused`` runs each convolution, pooling and ReLU on the CPU as one C++ operator
+    (fmnist.kernels; an error if it is not built), ``torch`` as PyTorch's layers.
+    """
+
+    def __init__(self, cpu_kernel: str = "fused"):
         super().__init__()
+        self.cpu_kernel = _checked_cpu_kernel(cpu_kernel)
         self.conv1 = nn.Conv2d(in_channels=1, out_channels=5, kernel_size=5)
         self.conv2 = nn.Conv2d(in_channels=5, out_channels=12, kernel_size=5)
         # 28 -conv5-> 24 -pool-> 12 -conv5-> 8 -pool-> 4, so the flattened map is 12 x 4 x 4
@@ -29,10 +41,12 @@ class Network(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         # The seed applies ReLU, then pools. ReLU is monotonic, so pooling first gives the same values
-        # and routes the same gradients (to the window's maximum, or nowhere when it is <= 0). On the
-        # CPU conv, pool and ReLU run as one C kernel (fmnist.kernels); elsewhere as PyTorch's layers.
-        t = conv_pool_relu(t, self.conv1)
-        t = conv_pool_relu(t, self.conv2)
+        # and routes the same gradients (to the window's maximum, or nowhere when it is <= 0). With
+        # cpu_kernel "fused", on the CPU conv, pool and ReLU run as one C++ operator (fmnist.kernels);
+        # elsewhere as PyTorch's layers.
+        fused = self.cpu_kernel == "fused"
+        t = kernels.conv_pool_relu(t, self.conv1, fused=fused)
+        t = kernels.conv_pool_relu(t, self.conv2, fused=fused)
         t = t.flatten(1)
         t = F.relu(self.fc1(t))
         t = F.relu(self.fc2(t))
@@ -73,16 +87,25 @@ class FastNet(nn.Module):
         return self.head(self.features(t))
 
 
-MODELS = {"network": lambda width: Network(), "fastnet": lambda width: FastNet(width)}
+MODELS = {
+    "network": lambda width, cpu_kernel: Network(cpu_kernel),
+    "fastnet": lambda width, cpu_kernel: FastNet(width),  # PyTorch's layers: cpu_kernel does not apply
+}
 
 
-def build_model(name: str, width: int = 16, seed: int = 0) -> nn.Module:
-    """Build model ``name`` with weights drawn from ``seed``, leaving the global RNG as it was."""
+def build_model(name: str, width: int = 16, seed: int = 0, cpu_kernel: str = "fused") -> nn.Module:
+    """Build model ``name`` with weights drawn from ``seed``, leaving the global RNG as it was.
+
+    ``cpu_kernel`` (params.yaml): ``fused`` or ``torch``, how the seed Network's conv layers run on
+    the CPU. ``fused`` for the Network raises a one-line PipelineError when the operator is not built.
+    """
     if name not in MODELS:
         raise ParamsError(f"params.yaml: model must be one of {', '.join(MODELS)}, got {name!r}")
+    if _checked_cpu_kernel(cpu_kernel) == "fused" and name == "network":
+        kernels.require()  # here, before any training, not at the first forward
     with torch.random.fork_rng(devices=[]):  # saves and restores the CPU generator only...
         torch.random.default_generator.manual_seed(seed)  # ...so seed only that one (init runs on the CPU)
-        return MODELS[name](width)
+        return MODELS[name](width, cpu_kernel)
 
 
 def count_parameters(model: nn.Module) -> int:

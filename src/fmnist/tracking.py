@@ -25,6 +25,48 @@ from .fileio import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
+TIMINGS = ("epoch_duration", "run_duration")  # the table's wall-clock columns: never in files kept in git
+
+
+def freeze_logs(folder: str | Path) -> None:
+    """Make the TensorBoard logs under ``folder`` a function of the run alone, so that DVC hashes them the same.
+
+    TensorBoard stamps every event with the wall-clock time, names each file after the time, host
+    and process, dates the hparams session and writes the graph's maps in no fixed order. Each file is rewritten with every event's time set
+    to its step (the epoch; TensorBoard's *Relative* axis then counts epochs), the hparams dates
+    removed and a fixed name. Run times stay in the stages' own outputs (the sweep's runs.csv).
+    """
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto import event_pb2, graph_pb2
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    for run_dir in sorted({f.parent for f in Path(folder).rglob("*tfevents*")}):
+        for i, path in enumerate(sorted(run_dir.glob("*tfevents*"))):  # time-stamped names: creation order
+            events = []
+            for record in RawEventFileLoader(str(path)).Load():
+                event = event_pb2.Event.FromString(record)
+                event.wall_time = float(event.step)
+                if event.HasField("graph_def"):  # serialised with its maps in no fixed order
+                    graph = graph_pb2.GraphDef.FromString(event.graph_def)
+                    event.graph_def = graph.SerializeToString(deterministic=True)
+                for value in event.summary.value:
+                    if value.metadata.plugin_data.plugin_name == "hparams":
+                        data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+                        if data.HasField("session_start_info"):
+                            data.session_start_info.start_time_secs = 0.0
+                        if data.HasField("session_end_info"):
+                            data.session_end_info.end_time_secs = 0.0
+                        value.metadata.plugin_data.content = data.SerializeToString(deterministic=True)
+                events.append(event.SerializeToString(deterministic=True))
+            target = run_dir / f"events.out.tfevents.{i:010d}.fmnist"
+            with atomic_path(target) as tmp, open(tmp, "wb") as f:
+                writer = RecordWriter(f)
+                for event in events:
+                    writer.write(event)
+            if path != target:
+                path.unlink()
+
 
 class RunBuilder:
     @staticmethod
@@ -106,6 +148,13 @@ class RunManager:
                     run_name=".",  # into this run's own folder, not a timestamped sub-folder
                 )
             self.tb.close()
+            freeze_logs(self.tb.log_dir)
+            self.tb = None
+
+    def abort_run(self) -> None:
+        """Stop writing a run that failed: its TensorBoard writer thread ends here, not after its folder is gone."""
+        if self.tb is not None:
+            self.tb.close()
             self.tb = None
 
     # -- epochs ---------------------------------------------------------------------------
@@ -126,7 +175,7 @@ class RunManager:
         """Close the epoch: averages over the samples seen, TensorBoard scalars and histograms, one row."""
         n = max(self.epoch_samples, 1)
         loss = float(self.epoch_loss) / n
-        accuracy = float(self.epoch_num_correct) / n
+        accuracy = int(self.epoch_num_correct) / n  # exact: a fraction of two counts
         now = time.perf_counter()
         row = {
             "run": self.run_count,

@@ -1,0 +1,231 @@
+"""No hidden state: numerics pinned, results independent of the thread count, cores shared, runs recorded."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import yaml
+
+from fmnist import runtime
+
+from .conftest import ROOT
+
+PY = [sys.executable, "-c"]
+
+
+def python(code: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter: numerics are per process, fixed at the first tensor operation."""
+    return subprocess.run([*PY, textwrap.dedent(code)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, **kw)
+
+
+def test_portable_numerics_pin_every_library_and_native_clears_what_the_shell_set():
+    code = """
+        import os, torch
+        from fmnist import runtime
+        runtime.pin_numerics({mode!r})
+        torch.ones(3).sum()
+        print(torch.backends.cpu.get_cpu_capability(), *(os.environ.get(v) for v in runtime.PINNED_VARS))
+    """
+    shell = {"MKL_CBWR": "AUTO", "ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41"}
+    portable = python(code.format(mode="portable"), shell)
+    assert portable.returncode == 0, portable.stderr
+    assert portable.stdout.split() == ["AVX2", "avx2", "AVX2,STRICT", "AVX2"]  # ATEN, MKL, ONEDNN
+    native = python(code.format(mode="native"), shell)
+    assert native.returncode == 0, native.stderr
+    assert native.stdout.split()[1:] == ["None"] * 3  # the shell's values are gone, the libraries choose
+
+
+def test_pinning_after_pytorch_chose_its_kernels_is_refused():
+    if "AVX512F" not in runtime.cpu_isa():
+        pytest.skip("needs a CPU whose native kernels are not the portable ones")
+    proc = python("""
+        import torch
+        from fmnist import runtime
+        runtime.pin_numerics("native")
+        torch.ones(3).sum()  # PyTorch now runs its AVX-512 kernels for the rest of the process
+        runtime.pin_numerics("portable")
+    """)
+    assert proc.returncode == 1
+    assert "PipelineError: numerics: portable was set after PyTorch had chosen its AVX512 kernels" in proc.stderr
+
+
+TRAIN_AND_HASH = """
+    import hashlib, io, torch
+    from fmnist import params, runtime
+    runtime.pin_numerics({numerics!r})
+    torch.set_num_threads({threads})
+    from fmnist.data import load_processed
+    from fmnist.engine import make_deterministic, to_device, train_run
+    from fmnist.tracking import RunManager
+    make_deterministic()
+    data = load_processed({data!r})
+    train, val = (to_device(s, data.mean, data.std, torch.device("cpu")) for s in (data.train, data.val))
+    p = params.train_params({{}}, epochs=2, batch_size=100, numerics={numerics!r}, cpu_kernel={kernel!r}, model={model!r}, width=8)
+    model, metrics = train_run(p, train, val, RunManager(stream=io.StringIO()))
+    assert torch.get_num_threads() == {threads}
+    print(hashlib.sha256(b"".join(t.numpy().tobytes() for t in model.state_dict().values())).hexdigest(), metrics)
+"""
+
+
+def train_hash(data, threads, numerics="portable", kernel="fused", model="network") -> str:
+    proc = python(TRAIN_AND_HASH.format(data=str(data), threads=threads, numerics=numerics, kernel=kernel, model=model))
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_the_default_training_gives_the_same_bits_with_1_2_and_4_threads(processed_small):
+    # the fused kernel sums in fixed blocks of images, MKL runs in strict mode: no sum depends on threads
+    runs = {t: train_hash(processed_small, t) for t in (1, 2, 4)}
+    assert runs[1] == runs[2] == runs[4], runs
+
+
+def test_runs_whose_bits_follow_the_thread_count_are_declared_so():
+    p = lambda **kw: __import__("fmnist.params").params.train_params({}, **kw)  # noqa: E731
+    assert runtime.thread_independent(p(), "cpu")
+    assert runtime.thread_independent(p(model="fastnet"), "cuda")
+    # oneDNN's convolutions split their weight-gradient sums by thread; MKL does outside strict mode
+    assert not runtime.thread_independent(p(model="fastnet"), "cpu")
+    assert not runtime.thread_independent(p(cpu_kernel="torch"), "cpu")
+    assert not runtime.thread_independent(p(numerics="native"), "cpu")
+
+
+def hold_share(folder, seconds=30) -> subprocess.Popen:
+    """Another training's registration: a process holding a ThreadShare in ``folder``."""
+    proc = subprocess.Popen([*PY, textwrap.dedent(f"""
+        import sys, time
+        from fmnist.runtime import ThreadShare
+        with ThreadShare(cores=4, folder={str(folder)!r}):
+            print("in", flush=True)
+            time.sleep({seconds})
+    """)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "in"
+    return proc
+
+
+def test_trainings_running_at_once_share_the_cores_and_a_dead_ones_share_returns(tmp_path, monkeypatch):
+    monkeypatch.setattr(runtime, "busy_seconds", lambda cpus: None)  # this test counts trainings, not load
+    p = __import__("fmnist.params").params.train_params({})
+    with runtime.ThreadShare(cores=4, folder=tmp_path) as mine:
+        assert mine.count() == 1 and mine.threads_for(follow=True) == 4
+        other = hold_share(tmp_path)
+        try:
+            assert mine.count() == 2
+            assert mine.threads_for(follow=True) == 2
+            assert mine.threads_for(follow=False) == 4  # bits that depend on threads keep every core
+            third = hold_share(tmp_path)
+            assert mine.count() == 3 and mine.threads_for(follow=True) == 1
+            third.kill()  # kill -9: no clean-up ran, its lock died with it
+            third.wait()
+            assert mine.count() == 2
+            assert len(list(tmp_path.glob("*.lock"))) == 2  # the dead one's file was removed
+            import torch
+
+            before = torch.get_num_threads()
+            try:
+                assert mine.rebalance(p, "cpu") == 2 and torch.get_num_threads() == 2
+            finally:
+                torch.set_num_threads(before)
+        finally:
+            other.kill()
+            other.wait()
+        assert mine.count() == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cores_busy_with_other_work_are_not_taken(monkeypatch):
+    clock = {"wall": 0.0, "busy": 0.0, "own": 0.0}
+    monkeypatch.setattr(runtime, "busy_seconds", lambda cpus: clock["busy"])
+    monkeypatch.setattr(runtime.time, "monotonic", lambda: clock["wall"])
+    monkeypatch.setattr(runtime.time, "process_time", lambda: clock["own"])
+    share = runtime.ThreadShare(cores=4, folder="/nonexistent/never-registered")
+
+    def epoch(seconds, own_cores, other_cores):
+        clock["wall"] += seconds
+        clock["own"] += seconds * own_cores
+        clock["busy"] += seconds * (own_cores + other_cores)
+        return share.threads_for(follow=True)
+
+    assert share.threads_for(follow=True) == 4  # nothing measured yet
+    assert epoch(2.0, 4, 0.0) == 4              # alone: every core
+    assert epoch(2.0, 2.5, 1.5) == 2            # a compiler took 1.5 cores: leave it 2
+    assert epoch(2.0, 2, 2.8) == 1              # nearly all of them: at least one thread
+    assert epoch(2.0, 1, 0.3) == 4              # it finished: every core again
+    assert share.threads_for(follow=False) == 4  # bits that depend on threads keep every core
+
+
+def test_a_busy_process_beside_a_training_is_measured(tmp_path):
+    # the real /proc/stat: a process spinning on this machine's cores shows as about one core of load
+    spin = subprocess.Popen([*PY, "import time\nend = time.time() + 3\nwhile time.time() < end: pass"])
+    try:
+        share = runtime.ThreadShare(folder=tmp_path)
+        share.others_load()
+        import time
+
+        time.sleep(1.0)
+        assert 0.6 < share.others_load() < 1.6
+    finally:
+        spin.kill()
+        spin.wait()
+
+
+def test_available_cores_honours_affinity_and_omp_num_threads(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert runtime.available_cores() == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert runtime.available_cores() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")
+    assert runtime.available_cores() == 3
+
+
+def stage(name, *args, env=None):
+    return subprocess.run([sys.executable, str(ROOT / "stages" / f"{name}.py"), *map(str, args)],
+                          capture_output=True, text=True, env={**os.environ, **(env or {})})
+
+
+def train_stage(tmp_path, data, params, out="out", env=None):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    o = tmp_path / out
+    proc = stage("train", "--data", data, "--params", tmp_path / "params.yaml", "--model", o / "m.pt",
+                 "--metrics", o / "train.json", "--history", o / "h.csv", "--env", o / "env.json",
+                 "--logdir", o / "runs", env=env)
+    return proc, o
+
+
+def test_train_records_its_environment_in_the_checkpoint_and_beside_the_metrics(tmp_path, processed_small):
+    import torch
+
+    proc, out = train_stage(tmp_path, processed_small, {"epochs": 1}, env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    env = json.loads((out / "env.json").read_text())
+    assert env["torch"] == torch.__version__ and env["device"] == "cpu"
+    assert env["numerics"] == "portable" and env["aten_cpu_capability"] == "AVX2"
+    assert env["numerics_env"] == runtime.NUMERICS_ENV["portable"]
+    assert env["threads"] == 1 and env["thread_independent"] is True
+    assert env["cpu_kernel"] == "fused" and env["kernel"].startswith("fused")
+    assert env["cpu"] == runtime.cpu_model() and "AVX2" in env["cpu_isa"]
+    assert {"cuda", "cudnn", "python", "platform"} <= set(env)
+    saved = torch.load(out / "m.pt", weights_only=True)
+    assert saved["environment"] == env
+
+
+def test_a_loss_that_becomes_nan_stops_training_with_the_epoch_the_batch_and_a_hint(tmp_path, processed_small):
+    proc, out = train_stage(tmp_path, processed_small, {"epochs": 3, "lr": 1.0e6, "schedule": "constant"})
+    assert proc.returncode == 1
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: training diverged: the loss became ") and "at epoch 1, batch " in line
+    assert line.endswith("(lr 1000000.0): lower lr in params.yaml")
+    assert not out.exists() or list(out.rglob("*")) == []  # no checkpoint, metric, log or temporary file
+
+
+def test_accuracies_are_exact_fractions_of_counts(tmp_path, processed_small):
+    proc, out = train_stage(tmp_path, processed_small, {"epochs": 1})
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((out / "train.json").read_text())
+    counts = {"train_accuracy": 600, "val_accuracy": 100}  # processed_small's split sizes
+    for key, n in counts.items():
+        assert metrics[key] == round(metrics[key] * n) / n, (key, metrics[key])
