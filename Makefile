@@ -43,6 +43,7 @@ test: $(BIN)/dvc
 
 bench: $(BIN)/dvc
 	python bench/bench.py
+	python bench/load.py
 
 clean-venv:
 	rm -rf $(VENV)

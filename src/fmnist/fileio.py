@@ -127,6 +127,18 @@ def _setting_up(target: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _naming_the_output(target: Path, temp: Path) -> Iterator[None]:
+    """Re-raise a file-system error from writing ``temp`` as an :class:`OutputError` naming ``target``."""
+    try:
+        yield
+    except BaseException as e:
+        converted = _as_output_error(e, target, temp)
+        if converted is e:
+            raise
+        raise converted from e
+
+
+@contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; rename it onto ``target`` if the block succeeds."""
     target = Path(target)
@@ -135,13 +147,8 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         remove_stale_temps(target)
         tmp = _make_temp(target, folder=False, mode=0o666)
     try:
-        try:
+        with _naming_the_output(target, tmp):
             yield tmp
-        except BaseException as e:
-            converted = _as_output_error(e, target, tmp)
-            if converted is e:
-                raise
-            raise converted from e
         try:
             os.replace(tmp, target)
         except OSError as e:
@@ -163,13 +170,8 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
         staging = _make_temp(target, folder=True, mode=0o777)
     old, committed = None, False
     try:
-        try:
+        with _naming_the_output(target, staging):
             yield staging
-        except BaseException as e:
-            converted = _as_output_error(e, target, staging)
-            if converted is e:
-                raise
-            raise converted from e
         try:
             # The previous output is renamed aside, not deleted, until the new one is in place: an
             # interruption between the two renames puts it back (below), and deleting 55 MB is
