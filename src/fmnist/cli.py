@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable
 
 from .errors import PipelineError, Terminated
+from .fileio import os_reason
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # SIGINT already raises KeyboardInterrupt
 
@@ -35,7 +36,7 @@ def _install_handlers() -> dict[int, object]:
 
 def _describe(e: OSError) -> str:
     """``<file>: <what the system said>`` on one line, e.g. ``models/m.pt: Permission denied``."""
-    reason = " ".join((e.strerror or str(e) or type(e).__name__).split())
+    reason = os_reason(e)
     if e.filename is not None and e.filename2 is not None:
         return f"{e.filename} -> {e.filename2}: {reason}"
     return reason if e.filename is None else f"{e.filename}: {reason}"

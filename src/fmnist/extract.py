@@ -33,8 +33,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .errors import DataError, PipelineError, SourceError
-from .fileio import atomic_dir
+from .errors import DataError, OutputError, PipelineError, SourceError
+from .fileio import atomic_dir, os_reason
 
 log = logging.getLogger(__name__)
 
@@ -234,8 +234,9 @@ def _progress(total: int | None, name: str):
 class _Staging:
     """A staging file, open for writing.
 
-    Its OSErrors are the local file system's (disk full, read-only, permission denied): a one-line
-    :class:`PipelineError` naming the file, never mistaken for a network fault and retried.
+    Its OSErrors are the local file system's (disk full, read-only, permission denied): an
+    :class:`OutputError` (one line; ``atomic_dir`` names the output it becomes), never mistaken
+    for a network fault and retried.
     """
 
     def __init__(self, path: Path):
@@ -246,7 +247,7 @@ class _Staging:
         try:
             return fn(*args)
         except OSError as e:
-            raise PipelineError(f"{self.path}: {e.strerror or e}") from None
+            raise OutputError(self.path, os_reason(e)) from None
 
     def write(self, data: bytes) -> None:
         self._local(self._f.write, data)
@@ -451,7 +452,7 @@ def _download(url: str, dest: Path, inflater: Inflater, *, timeout: float, deadl
                 return _stream(chunks(), dest, inflater, bar)
     except (OSError, http.client.HTTPException) as e:
         # Only the network is left to raise these: the staging file turns its own OSErrors into
-        # PipelineError, and DataError, _Refused and _NetworkFault are not OSErrors.
+        # OutputError (a PipelineError), and DataError, _Refused and _NetworkFault are not OSErrors.
         reason = limit.reason if limit.expired else _one_line(getattr(e, "reason", e)) or type(e).__name__
         raise _NetworkFault(reason) from None
     finally:
@@ -530,28 +531,25 @@ def extract(
     if not sources:
         raise SourceError("no source to fetch Fashion-MNIST from")
     origins: dict[str, str] = {}
-    try:
-        with atomic_dir(out_dir) as staging:
-            for name in FILES:
-                failures = []
-                for source in sources:
-                    try:
-                        digest = fetch_one(
-                            source, name, staging / name,
-                            timeout=timeout, retries=retries, backoff=backoff, deadline=deadline,
-                        )
-                    except SourceError as e:
-                        failures.append(str(e))
-                        log.warning("%s", e)
-                        continue
-                    verify(name, digest, source.describe(name))
-                    origins[name] = source.describe(name)
-                    log.info("%s: verified, from %s", name, origins[name])
-                    break
-                else:
-                    raise SourceError(
-                        f"{name}: no source could provide it; " + "; ".join(f.split(": ", 1)[1] for f in failures)
+    with atomic_dir(out_dir) as staging:
+        for name in FILES:
+            failures = []
+            for source in sources:
+                try:
+                    digest = fetch_one(
+                        source, name, staging / name,
+                        timeout=timeout, retries=retries, backoff=backoff, deadline=deadline,
                     )
-    except OSError as e:  # making, moving or removing the staging folder: the network never gets here
-        raise PipelineError(f"{e.filename or out_dir}: {e.strerror or e}") from None
+                except SourceError as e:
+                    failures.append(str(e))
+                    log.warning("%s", e)
+                    continue
+                verify(name, digest, source.describe(name))
+                origins[name] = source.describe(name)
+                log.info("%s: verified, from %s", name, origins[name])
+                break
+            else:
+                raise SourceError(
+                    f"{name}: no source could provide it; " + "; ".join(f.split(": ", 1)[1] for f in failures)
+                )
     return origins

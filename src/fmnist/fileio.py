@@ -80,7 +80,7 @@ def remove_stale_temps(target: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def _reason(e: OSError) -> str:
+def os_reason(e: OSError) -> str:
     """The system's words for ``e`` (``No space left on device``), else its message, on one line."""
     return e.strerror or " ".join(str(e).split()) or type(e).__name__
 
@@ -113,9 +113,9 @@ def _as_output_error(e: BaseException, target: Path, temp: Path) -> BaseExceptio
     if not isinstance(e, OSError) or isinstance(e, _NOT_FILE_ERRORS):
         return e
     if e.filename is None:
-        return OutputError(target, _reason(e))
+        return OutputError(target, os_reason(e))
     rel = _inside(e.filename, temp)
-    return e if rel is None else OutputError(target / rel, _reason(e))
+    return e if rel is None else OutputError(target / rel, os_reason(e))
 
 
 @contextlib.contextmanager
@@ -123,7 +123,7 @@ def _setting_up(target: Path) -> Iterator[None]:
     try:
         yield
     except OSError as e:  # the folder cannot be made, or holds no room for even an empty file
-        raise OutputError(target, _reason(e)) from e
+        raise OutputError(target, os_reason(e)) from e
 
 
 @contextlib.contextmanager
@@ -152,7 +152,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         try:
             os.replace(tmp, target)
         except OSError as e:
-            raise OutputError(target, _reason(e)) from e
+            raise OutputError(target, os_reason(e)) from e
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -182,13 +182,13 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
             os.replace(staging, target)
             committed = True
         except OSError as e:
-            raise OutputError(target, _reason(e)) from e
+            raise OutputError(target, os_reason(e)) from e
     finally:
         if not committed and old is not None and not os.path.lexists(target):
             try:
                 os.replace(old, target)
             except OSError as e:  # leave it where it is: it is the only copy
-                log.warning("cannot put %s back in place of %s: %s", old, target, _reason(e))
+                log.warning("cannot put %s back in place of %s: %s", old, target, os_reason(e))
             old = None
         _remove(staging)
         if old is not None:
