@@ -28,7 +28,7 @@ def main() -> None:
 
     p = params.train_params(params.load(args.params))
     device = runtime.configure(p)  # numerics pinned before the first tensor exists
-    model, info = load_checkpoint(args.model, device, cpu_kernel=p.cpu_kernel if device.type == "cpu" else "torch")
+    model, info = load_checkpoint(args.model, device, cpu_kernel=p.cpu_kernel)
     data = load_processed(args.data)
     norm = info["normalize"]
     test = to_device(data.test, norm["mean"], norm["std"], device)

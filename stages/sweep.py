@@ -4,7 +4,7 @@ Keys the grid does not list take their built-in defaults; device, cpu_kernel and
 from the top level. Writes one row per run and epoch (metrics/sweep.csv, without timings, so that
 git sees only results), the best run by validation accuracy (metrics/sweep_best.json), and a
 TensorBoard folder per run under runs/sweep/ beside the seed's full RunManager table, durations
-included (runs/sweep/runs.csv and .json, cached by DVC).
+included (runs/sweep/runs.csv and .json, which .dvcignore keeps out of dvc.lock).
 """
 
 import argparse

@@ -1,6 +1,5 @@
 """The fused conv -> pool -> ReLU operator (fmnist::conv_pool_relu) against PyTorch's own layers."""
 
-import os
 import re
 import sys
 import types
@@ -13,13 +12,15 @@ from fmnist import kernels
 from fmnist.errors import PipelineError
 from fmnist.models import Network, build_model
 
+from .conftest import in_ci
+
 LAYERS = [(1, 5, 28), (5, 12, 12)]  # conv1 and conv2 of the seed Network: in, out channels, image size
 
 
 def require_fused_kernel() -> None:
     """Skip the calling test when the operator is not built; under CI=true fail it instead."""
     if not kernels.available():
-        if os.environ.get("CI", "").lower() == "true":
+        if in_ci():
             pytest.fail(f"CI=true and the fused CPU kernel was not built (status: {kernels.status()}); CI must build "
                         "it: make, or pip install --no-build-isolation -e .")
         pytest.skip(f"fused CPU kernel: {kernels.status()}")

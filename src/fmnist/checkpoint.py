@@ -9,7 +9,7 @@ from torch import nn
 
 from .errors import DataError
 from .fileio import atomic_path
-from .models import build_model
+from .models import build_model, cpu_kernel_on
 from .params import TrainParams, training_values
 
 FORMAT = 1
@@ -38,7 +38,8 @@ def load_checkpoint(
 ) -> tuple[nn.Module, dict]:
     """(model on ``device`` in eval mode, the checkpoint's metadata); ``weights_only=True`` runs no pickled code.
 
-    ``cpu_kernel``: how the seed Network's conv layers run on the CPU (params.yaml's ``cpu_kernel``).
+    ``cpu_kernel``: how the seed Network's conv layers run on the CPU (params.yaml's ``cpu_kernel``;
+    off the CPU PyTorch's layers run whatever it says).
     """
     path = Path(path)
     try:
@@ -50,7 +51,7 @@ def load_checkpoint(
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise DataError(f"{path}: not a checkpoint written by this project (format {FORMAT})")
     try:
-        model = build_model(payload["model"], payload["width"], cpu_kernel=cpu_kernel)
+        model = build_model(payload["model"], payload["width"], cpu_kernel=cpu_kernel_on(device, cpu_kernel))
         model.load_state_dict(payload["state_dict"])
     except (KeyError, RuntimeError) as e:
         raise DataError(f"{path}: checkpoint does not match its model ({type(e).__name__}: {str(e).splitlines()[0]})") from None

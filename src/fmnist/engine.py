@@ -237,11 +237,9 @@ def train_run(
     The one training path for the train stage and every sweep run. Returns the trained model and
     its final metrics (train and validation loss and accuracy of the last epoch).
     """
-    from .models import build_model  # local: models import nothing from here, but keep the graph flat
+    from .models import build_model, cpu_kernel_on  # local: models import nothing from here, but keep the graph flat
 
-    # the CPU kernel choice means nothing on a GPU, where PyTorch's layers always run
-    cpu_kernel = p.cpu_kernel if train.x.device.type == "cpu" else "torch"
-    model = build_model(p.model, p.width, p.seed, cpu_kernel=cpu_kernel)
+    model = build_model(p.model, p.width, p.seed, cpu_kernel=cpu_kernel_on(train.x.device, p.cpu_kernel))
     model = model.to(train.x.device, memory_format=torch.channels_last)
     if run is None:
         run = _params_tuple(p)

@@ -93,6 +93,11 @@ MODELS = {
 }
 
 
+def cpu_kernel_on(device: torch.device | str, cpu_kernel: str) -> str:
+    """The conv layers' path on ``device``: ``cpu_kernel`` on the CPU; elsewhere PyTorch's layers always run."""
+    return cpu_kernel if torch.device(device).type == "cpu" else "torch"
+
+
 def build_model(name: str, width: int = 16, seed: int = 0, cpu_kernel: str = "fused") -> nn.Module:
     """Build model ``name`` with weights drawn from ``seed``, leaving the global RNG as it was.
 

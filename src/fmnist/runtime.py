@@ -234,6 +234,7 @@ def environment(p, device, cores: int) -> dict:
     import torch
 
     from . import kernels
+    from .models import cpu_kernel_on
 
     env = {
         "python": platform.python_version(),
@@ -248,7 +249,8 @@ def environment(p, device, cores: int) -> dict:
         "threads": cores,  # the count a training alone uses; shared ones use fewer where the bits allow
         "thread_independent": thread_independent(p, device.type),
         "cpu_kernel": p.cpu_kernel,
-        "kernel": kernels.status() if p.model == "network" and p.cpu_kernel == "fused" else "PyTorch's layers",
+        "kernel": kernels.status() if p.model == "network" and cpu_kernel_on(device, p.cpu_kernel) == "fused"
+        else "PyTorch's layers",
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
     }

@@ -32,9 +32,10 @@ def freeze_logs(folder: str | Path) -> None:
     """Make the TensorBoard logs under ``folder`` a function of the run alone, so that DVC hashes them the same.
 
     TensorBoard stamps every event with the wall-clock time, names each file after the time, host
-    and process, dates the hparams session and writes the graph's maps in no fixed order. Each file is rewritten with every event's time set
-    to its step (the epoch; TensorBoard's *Relative* axis then counts epochs), the hparams dates
-    removed and a fixed name. Run times stay in the stages' own outputs (the sweep's runs.csv).
+    and process, dates the hparams session and writes the graph's maps in no fixed order. Each
+    file is rewritten with every event's time set to its step (the epoch; TensorBoard's *Relative*
+    axis then counts epochs), the hparams dates removed, the graph in a fixed order and a fixed
+    name. Run times stay in the sweep's runs.csv, which nothing hashes.
     """
     from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
     from tensorboard.compat.proto import event_pb2, graph_pb2
