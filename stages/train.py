@@ -4,7 +4,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from fmnist import cli, params, runtime
+import pandas as pd
+
+from fmnist import cli, params, resume, runtime
 from fmnist.checkpoint import save_checkpoint
 from fmnist.data import load_processed
 from fmnist.engine import to_device, train_run
@@ -21,6 +23,8 @@ def main() -> None:
     parser.add_argument("--history", default="metrics/train_history.csv", help="per-epoch DVC plot data")
     parser.add_argument("--env", default="metrics/train_env.json", help="what the run computed on")
     parser.add_argument("--logdir", default="runs/train", help="TensorBoard log folder")
+    parser.add_argument("--state", default=".resume/train.pt",
+                        help="the state after each epoch, to resume from if the run is cut short (removed at the end)")
     args = parser.parse_args()
 
     p = params.train_params(params.load(args.params))  # every check before any work
@@ -28,19 +32,35 @@ def main() -> None:
     data = load_processed(args.data)
     train, val = (to_device(s, data.mean, data.std, device) for s in (data.train, data.val))
 
+    state = resume.SavedState(args.state, resume.fingerprint(params.training_values(p), args.data, __file__))
+    saved = state.load()
+
+    def after_epoch(run_state: dict) -> None:
+        write_history(args.history, run_state["rows"])  # dvc plots show the run in progress
+        state.save(run=run_state)
+
     manager = RunManager()
     # TensorBoard follows the run live in a hidden staging folder beside runs/train, which takes
-    # its place only when training has finished: a failed run leaves no partial log behind.
+    # its place only when training has finished: a failed run leaves no partial log behind (its
+    # events so far are in the saved state).
     with runtime.ThreadShare() as threads, atomic_dir(args.logdir) as staging:
         model, metrics = train_run(p, train, val, manager, name=Path(args.logdir).name, log_dir=staging,
-                                   progress=sys.stderr.isatty(), threads=threads)
+                                   progress=sys.stderr.isatty(), threads=threads,
+                                   resume=saved and saved["run"], on_epoch=after_epoch)
 
     env = runtime.environment(p, device, threads.cores)
     save_checkpoint(args.model, model, p, data.mean, data.std, environment=env)
     write_json(args.metrics, metrics)
     write_json(args.env, env)
-    with atomic_path(args.history) as tmp:
-        manager.dataframe()[["epoch", "loss", "accuracy", "val_loss", "val_accuracy"]].to_csv(tmp, index=False)
+    write_history(args.history, manager.run_rows())
+    state.clear()
+
+
+def write_history(path: str, rows: list[dict]) -> None:
+    """The per-epoch DVC plot data: epoch, train and validation loss and accuracy."""
+    columns = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy"]
+    with atomic_path(path) as tmp:
+        pd.DataFrame.from_records(rows, columns=columns).to_csv(tmp, index=False)
 
 
 if __name__ == "__main__":

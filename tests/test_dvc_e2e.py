@@ -35,10 +35,8 @@ def set_params(repo: Path, **changes) -> None:
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
-@pytest.fixture(scope="module")
-def repo(mirror, tmp_path_factory) -> Path:
-    """A git repository holding this one's tracked files (no outputs), with small-data parameters."""
-    dest = tmp_path_factory.mktemp("e2e") / "repo"
+def repo_copy(dest: Path, mirror: Path) -> Path:
+    """A git repository at ``dest`` holding this one's tracked files (no outputs), with small-data parameters."""
     files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True)
     for rel in filter(None, files.stdout.split("\0")):
         if (ROOT / rel).is_file():
@@ -53,6 +51,12 @@ def repo(mirror, tmp_path_factory) -> Path:
     sh(dest, "git", "add", "-A")
     sh(dest, "git", "commit", "-qm", "small")
     return dest
+
+
+@pytest.fixture(scope="module")
+def repo(mirror, tmp_path_factory) -> Path:
+    """A git repository holding this one's tracked files (no outputs), with small-data parameters."""
+    return repo_copy(tmp_path_factory.mktemp("e2e") / "repo", mirror)
 
 
 @pytest.fixture(scope="module")

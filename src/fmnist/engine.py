@@ -196,6 +196,37 @@ def evaluate(model: nn.Module, data: DeviceSplit, tta: bool = False) -> tuple[fl
     return loss, accuracy, logits
 
 
+def run_state(model: nn.Module, optimizer, scheduler, generator: torch.Generator, manager, epoch: int) -> dict:
+    """Everything the rest of a run depends on after ``epoch`` finished epochs (see :mod:`fmnist.resume`)."""
+    from .resume import snapshot
+
+    device = generator.device
+    return {
+        "epoch": epoch,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": None if scheduler is None else scheduler.state_dict(),
+        "generator": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "rows": manager.run_rows(),
+        "logs": snapshot(manager.log_dir) if manager.log_dir is not None else {},
+    }
+
+
+def restore_run_state(state: dict, model: nn.Module, optimizer, scheduler, generator: torch.Generator) -> int:
+    """Put a :func:`run_state` back; returns the number of epochs it had finished."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] is not None:
+        torch.cuda.set_rng_state(state["cuda_rng"], generator.device)
+    return state["epoch"]
+
+
 def fit(
     model: nn.Module,
     train: DeviceSplit,
@@ -204,21 +235,37 @@ def fit(
     manager,
     progress: bool = False,
     threads=None,
+    resume: dict | None = None,
+    on_epoch=None,
 ) -> list[dict]:
     """Train ``model`` for ``p.epochs`` epochs, validating after each; ``manager`` records every epoch.
 
     ``threads``: a :class:`~fmnist.runtime.ThreadShare` to rebalance before each epoch.
+    ``resume``: a :func:`run_state` to continue from (the manager's run was begun with its rows).
+    ``on_epoch``: called with the :func:`run_state` after each finished epoch, e.g. to save it.
     Returns the manager's rows for this run (one per epoch).
     """
     optimizer, scheduler, generator = training_state(model, p, len(train), train.x.device)
-    for epoch in range(1, p.epochs + 1):
+    done = 0 if resume is None else restore_run_state(resume, model, optimizer, scheduler, generator)
+    for epoch in range(done + 1, p.epochs + 1):
         if threads is not None:
             threads.rebalance(p, train.x.device.type)
         manager.begin_epoch()
         train_one_epoch(model, train, optimizer, scheduler, p, generator, manager, progress, epoch=epoch)
         val_loss, val_acc, _ = evaluate(model, val)
         manager.end_epoch(val_loss, val_acc)
+        if on_epoch is not None:
+            on_epoch(run_state(model, optimizer, scheduler, generator, manager, epoch))
     return manager.run_rows()
+
+
+def final_metrics(rows: list[dict]) -> dict:
+    """A run's metrics: train and validation loss and accuracy of its last epoch."""
+    last = rows[-1]
+    return {
+        "train_loss": last["loss"], "train_accuracy": last["accuracy"],
+        "val_loss": last["val_loss"], "val_accuracy": last["val_accuracy"],
+    }
 
 
 def train_run(
@@ -231,11 +278,13 @@ def train_run(
     progress: bool = False,
     log_dir=None,
     threads=None,
+    resume: dict | None = None,
+    on_epoch=None,
 ) -> tuple[nn.Module, dict]:
     """Build ``p.model`` from ``p.seed``, train it with :func:`fit` and close the run in ``manager``.
 
-    The one training path for the train stage and every sweep run. Returns the trained model and
-    its final metrics (train and validation loss and accuracy of the last epoch).
+    The one training path for the train stage and every sweep run. ``resume`` and ``on_epoch``:
+    see :func:`fit`. Returns the trained model and its :func:`final_metrics`.
     """
     from .models import build_model, cpu_kernel_on  # local: models import nothing from here, but keep the graph flat
 
@@ -244,21 +293,19 @@ def train_run(
     if run is None:
         run = _params_tuple(p)
     try:
-        manager.begin_run(run, model, name=name, example=train.x[:64], log_dir=log_dir)
+        manager.begin_run(run, model, name=name, example=train.x[:64], log_dir=log_dir, resume=resume)
         start = time.perf_counter()
-        rows = fit(model, train, val, p, manager, progress=progress, threads=threads)
+        rows = fit(model, train, val, p, manager, progress=progress, threads=threads, resume=resume,
+                   on_epoch=on_epoch)
     except BaseException:  # an error or a signal: the log's writer thread must stop before its folder goes
         manager.abort_run()
         raise
-    last = rows[-1]
-    metrics = {
-        "train_loss": last["loss"], "train_accuracy": last["accuracy"],
-        "val_loss": last["val_loss"], "val_accuracy": last["val_accuracy"],
-    }
+    metrics = final_metrics(rows)
     manager.end_run(hparams=training_values(p), metrics=metrics)
     seconds = time.perf_counter() - start
-    log.info("%s: %d epochs in %.1f s (%.0f images/s), val accuracy %.2f%%", manager.run_name, p.epochs, seconds,
-             p.epochs * len(train) / seconds, 100 * metrics["val_accuracy"])
+    trained = p.epochs - (0 if resume is None else resume["epoch"])
+    log.info("%s: %d epochs in %.1f s (%.0f images/s), val accuracy %.2f%%", manager.run_name, trained, seconds,
+             trained * len(train) / max(seconds, 1e-9), 100 * metrics["val_accuracy"])
     return model, metrics
 
 

@@ -43,10 +43,13 @@ def freeze_logs(folder: str | Path) -> None:
     from tensorboard.summary.writer.record_writer import RecordWriter
 
     for run_dir in sorted({f.parent for f in Path(folder).rglob("*tfevents*")}):
-        for i, path in enumerate(sorted(run_dir.glob("*tfevents*"))):  # time-stamped names: creation order
-            events = []
+        paths = sorted(run_dir.glob("*tfevents*"), key=_creation_order)
+        events = []
+        for path in paths:  # a resumed run has two or more files: merged into one, in order
             for record in RawEventFileLoader(str(path)).Load():
                 event = event_pb2.Event.FromString(record)
+                if event.HasField("file_version") and events:
+                    continue  # each file starts with one; a single file keeps only the first
                 event.wall_time = float(event.step)
                 if event.HasField("graph_def"):  # serialised with its maps in no fixed order
                     graph = graph_pb2.GraphDef.FromString(event.graph_def)
@@ -60,13 +63,23 @@ def freeze_logs(folder: str | Path) -> None:
                             data.session_end_info.end_time_secs = 0.0
                         value.metadata.plugin_data.content = data.SerializeToString(deterministic=True)
                 events.append(event.SerializeToString(deterministic=True))
-            target = run_dir / f"events.out.tfevents.{i:010d}.fmnist"
-            with atomic_path(target) as tmp, open(tmp, "wb") as f:
-                writer = RecordWriter(f)
-                for event in events:
-                    writer.write(event)
+        target = run_dir / "events.out.tfevents.0000000000.fmnist"
+        with atomic_path(target) as tmp, open(tmp, "wb") as f:
+            writer = RecordWriter(f)
+            for event in events:
+                writer.write(event)
+        for path in paths:
             if path != target:
                 path.unlink()
+
+
+def _creation_order(path: Path) -> tuple[int, int]:
+    """Sort key of an event file: TensorBoard names it ``events.out.tfevents.<seconds>.<host>.<pid>.<n>``,
+    ``n`` counting the process's writers (a run's hparams go to a second writer, a resumed run's
+    events to a file of a later process)."""
+    parts = path.name.split(".")
+    seconds = int(parts[3]) if len(parts) > 3 and parts[3].isdigit() else 0
+    return seconds, int(parts[-1]) if parts[-1].isdigit() else -1
 
 
 class RunBuilder:
@@ -109,11 +122,13 @@ class RunManager:
     # -- runs -----------------------------------------------------------------------------
     def begin_run(
         self, run, network: nn.Module, name: str | None = None, example: torch.Tensor | None = None,
-        log_dir: str | Path | None = None,
+        log_dir: str | Path | None = None, resume: dict | None = None,
     ) -> None:
         """Start recording ``run`` (a named tuple) of ``network``; ``example`` (a batch) draws the graph and an image grid.
 
-        TensorBoard writes to ``log_dir`` if given, else to ``log_root/<name>``.
+        TensorBoard writes to ``log_dir`` if given, else to ``log_root/<name>``. ``resume``: the
+        state of this run cut short (:func:`fmnist.engine.run_state`): its rows and TensorBoard
+        events are put back and the run goes on from its last epoch.
         """
         self.run_start_time = time.perf_counter()
         self.run_params = run
@@ -123,12 +138,20 @@ class RunManager:
         self.run_name = name or run_name(run)
         if log_dir is None and self.log_root is not None:
             log_dir = self.log_root / self.run_name
+        if resume is not None:
+            self.epoch_count = len(resume["rows"])
+            self.run_data.extend(resume["rows"])
+            self.run_start_time -= resume["rows"][-1]["run_duration"] if resume["rows"] else 0.0
+            if log_dir is not None:
+                from .resume import restore
+
+                restore(log_dir, resume["logs"])
         if log_dir is not None:
             from torch.utils.tensorboard import SummaryWriter  # heavy import, only when logging
             from torchvision.utils import make_grid
 
             self.tb = SummaryWriter(log_dir=str(log_dir))
-            if example is not None:
+            if example is not None and resume is None:  # a resumed run's log has them already
                 grid = make_grid(example[:64].float().cpu(), nrow=8, normalize=True)
                 self.tb.add_image("images", grid)
                 was_training = network.training
@@ -138,6 +161,22 @@ class RunManager:
                     self.tb.add_graph(network, example[:8])
                 network.train(was_training)
         print(self._header(), file=self.stream, flush=True)
+        if resume is not None:
+            for row in resume["rows"]:
+                print(self._format(row), file=self.stream)
+            print(f"resumed after epoch {self.epoch_count}", file=self.stream, flush=True)
+
+    def add_finished_run(self, run, rows: list[dict]) -> None:
+        """Record a run that finished in an earlier, interrupted process (its logs are already in place)."""
+        self.run_count += 1
+        self.run_params = run
+        self.run_name = run_name(run)
+        self.run_data.extend(rows)
+
+    @property
+    def log_dir(self) -> Path | None:
+        """The current run's TensorBoard folder, or None when it is not logged."""
+        return None if self.tb is None else Path(self.tb.log_dir)
 
     def end_run(self, hparams: Mapping | None = None, metrics: Mapping[str, float] | None = None) -> None:
         """Close the run's TensorBoard log, writing ``hparams`` and final ``metrics`` for the HPARAMS view."""

@@ -1,0 +1,134 @@
+"""Resuming a training cut short (``kill -9``, a power cut, Ctrl-C): the state after each finished epoch.
+
+After every epoch a stage saves, in one file written atomically, all that the rest of the run
+depends on: weights, optimiser and schedule state, the batch-order and global random generators,
+the epoch, the history rows and the TensorBoard events written so far. The next run of the same
+stage continues from there and ends with the same bits as a run that was never interrupted.
+
+The file is used only when it was made with the same parameters, data and code (its
+:func:`fingerprint`); otherwise training starts fresh and says why. It lives outside every DVC
+output (``.resume/``, ignored by git and DVC), so ``dvc repro`` does not delete it before the stage
+runs, and the stage removes it once its outputs are written. DVC's own checkpoints were dropped in
+DVC 3; its maintainers leave resuming to the training code, which is this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .fileio import atomic_path
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+PACKAGE = Path(__file__).parent
+
+
+def digest_files(paths: Iterable[str | os.PathLike], root: str | os.PathLike | None = None) -> str:
+    """SHA-256 over the files' names (relative to ``root``) and contents, in name order."""
+    h = hashlib.sha256()
+    files = sorted(Path(p) for p in paths)
+    for path in files:
+        name = path.relative_to(root).as_posix() if root is not None else path.name
+        h.update(name.encode() + b"\0")
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def code_digest(stage_script: str | os.PathLike) -> str:
+    """The package's Python and C++ sources and the stage's own script: what the training runs."""
+    sources = [p for p in PACKAGE.rglob("*") if p.suffix in (".py", ".cpp") and "__pycache__" not in p.parts]
+    both = digest_files(sources, root=PACKAGE) + digest_files([stage_script])
+    return hashlib.sha256(both.encode()).hexdigest()
+
+
+def fingerprint(params: Mapping[str, Any], data_dir: str | os.PathLike, stage_script: str | os.PathLike) -> dict:
+    """What a saved state must match to be used: the parameters, the processed data's bytes and the code."""
+    data_dir = Path(data_dir)
+    return {
+        "params": dict(params),
+        "data": digest_files([p for p in data_dir.rglob("*") if p.is_file()], root=data_dir),
+        "code": code_digest(stage_script),
+    }
+
+
+def _mismatch(saved: Mapping, current: Mapping) -> str | None:
+    """Why a state made under ``saved`` cannot continue under ``current``; None when it can."""
+    if saved.get("params") != current["params"]:
+        old, new = saved.get("params") or {}, current["params"]
+        keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        shown = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:4])
+        return f"the parameters changed ({shown})"
+    if saved.get("data") != current["data"]:
+        return "the processed data changed"
+    if saved.get("code") != current["code"]:
+        return "the code changed (src/fmnist or the stage script)"
+    return None
+
+
+class SavedState:
+    """One stage's resume file: ``load`` what matches, ``save`` after each epoch, ``clear`` when done."""
+
+    def __init__(self, path: str | os.PathLike, fingerprint: Mapping):
+        self.path = Path(path)
+        self.fingerprint = dict(fingerprint)
+
+    def load(self) -> dict | None:
+        """The saved payload if there is one made under this fingerprint; else None, having said why."""
+        if not self.path.exists():
+            return None
+        try:
+            payload = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as e:  # unreadable: a foreign or damaged file is not worth stopping for
+            log.warning("%s: not a readable resume state (%s); starting fresh", self.path, type(e).__name__)
+            return None
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+            log.warning("%s: resume state of another format; starting fresh", self.path)
+            return None
+        why = _mismatch(payload.get("fingerprint") or {}, self.fingerprint)
+        if why is not None:
+            log.warning("%s: not resuming: %s since it was saved; starting fresh", self.path, why)
+            return None
+        return payload
+
+    def save(self, **payload: Any) -> None:
+        with atomic_path(self.path) as tmp, open(tmp, "wb") as f:
+            torch.save({"format": FORMAT, "fingerprint": self.fingerprint, **payload}, f)
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+        try:
+            self.path.parent.rmdir()  # only when empty: another stage's state may be beside it
+        except OSError:
+            pass
+
+
+def snapshot(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every file under ``folder``, relative name -> bytes (as a uint8 tensor, which weights_only loads)."""
+    folder = Path(folder)
+    return {
+        p.relative_to(folder).as_posix(): torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8)
+        if p.stat().st_size else torch.empty(0, dtype=torch.uint8)
+        for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def restore(folder: str | os.PathLike, files: Mapping[str, torch.Tensor]) -> None:
+    """Write ``files`` (from :func:`snapshot`) under ``folder``."""
+    folder = Path(folder)
+    for name, data in files.items():
+        path = folder / name
+        if ".." in Path(name).parts or Path(name).is_absolute():
+            raise ValueError(f"resume state: unsafe file name {name!r}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data.numpy().tobytes())

@@ -1,0 +1,195 @@
+"""Resuming: a train or sweep killed with SIGKILL and run again ends with the bits of a run never interrupted."""
+
+import filecmp
+import io
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from fmnist import resume
+
+from .conftest import ROOT
+from .test_dvc_e2e import ENV, SMALL, repo_copy, set_params, sh
+
+POLL = 0.02  # seconds between looks at a running stage
+
+
+def start(stage: str, out: Path, data: Path, params: Path, *outputs: str) -> subprocess.Popen:
+    """Start a stage writing every output under ``out``; its stderr goes to ``out/log-<n>.txt``."""
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / f"log-{len(list(out.glob('log-*.txt')))}.txt"
+    args = [a.format(out=out) for a in outputs]
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "stages" / f"{stage}.py"), "--data", str(data),
+                                 "--params", str(params), *args], stderr=stderr, stdout=subprocess.DEVNULL)
+    proc.log = log
+    return proc
+
+
+def kill_when(proc: subprocess.Popen, ready, timeout: float = 120) -> None:
+    """SIGKILL ``proc`` as soon as ``ready()`` holds; fail if it ended first."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, "the run ended before it could be interrupted: give it more epochs"
+        assert time.monotonic() < deadline, "the run never reached the point to interrupt it at"
+        time.sleep(POLL)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+
+
+def finish(proc: subprocess.Popen) -> str:
+    """Wait for a stage started by :func:`start` to succeed; its stderr."""
+    status = proc.wait(timeout=300)
+    assert status == 0, proc.log.read_text()
+    return proc.log.read_text()
+
+
+def same_tree(a: Path, b: Path, skip=()) -> None:
+    """Every file under ``a`` and ``b`` has the same bytes, and there are the same files."""
+    names = sorted(p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file() and p.name not in skip)
+    assert names == sorted(p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file() and p.name not in skip)
+    for name in names:
+        assert filecmp.cmp(a / name, b / name, shallow=False), name
+
+
+TRAIN_OUTPUTS = ("--model", "{out}/model.pt", "--metrics", "{out}/train.json", "--history", "{out}/history.csv",
+                 "--env", "{out}/env.json", "--logdir", "{out}/runs/train", "--state", "{out}/state/train.pt")
+
+
+def test_killed_train_resumes_to_the_same_bits(tmp_path, processed_full):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"epochs": 3, "batch_size": 100}))
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    finish(start("train", whole, processed_full, params, *TRAIN_OUTPUTS))
+
+    proc = start("train", cut, processed_full, params, *TRAIN_OUTPUTS)
+    kill_when(proc, lambda: (cut / "state" / "train.pt").exists())
+    assert not (cut / "model.pt").exists() and (cut / "history.csv").exists()  # history follows the run
+    log = finish(start("train", cut, processed_full, params, *TRAIN_OUTPUTS))
+    assert "resumed after epoch" in log and "resumed after epoch 3" not in log
+
+    a = torch.load(whole / "model.pt", weights_only=True)
+    b = torch.load(cut / "model.pt", weights_only=True)
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    # metrics, per-epoch history and the TensorBoard events (scalars, histograms, graph) bit for bit;
+    # the killed run's staging folder is gone and the state file removed once the run finished
+    same_tree(whole, cut, skip=("model.pt",) + tuple(f"log-{i}.txt" for i in range(3)))
+    assert not (cut / "state").exists()
+
+
+SWEEP_OUTPUTS = ("--results", "{out}/sweep.csv", "--best", "{out}/best.json", "--env", "{out}/env.json",
+                 "--logdir", "{out}/runs/sweep", "--state", "{out}/state/sweep.pt")
+
+
+def test_killed_sweep_redoes_only_unfinished_runs(tmp_path, processed_full):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"sweep": {"lr": [0.01, 0.02], "epochs": [2]}}, sort_keys=False))
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    finish(start("sweep", whole, processed_full, params, *SWEEP_OUTPUTS))
+
+    proc = start("sweep", cut, processed_full, params, *SWEEP_OUTPUTS)
+    log0 = cut / "log-0.txt"
+    kill_when(proc, lambda: "   2     1 " in log0.read_text())  # run 2's first epoch ended
+    log = finish(start("sweep", cut, processed_full, params, *SWEEP_OUTPUTS))
+    assert "sweep run 1/2: lr=0.01,epochs=2: finished earlier" in log
+    assert "   1     1 " not in log  # run 1 was not trained again
+    # runs.csv and runs.json keep the seed's table with its wall-clock durations: not compared
+    same_tree(whole, cut, skip=("runs.csv", "runs.json", "log-0.txt", "log-1.txt", "log-2.txt"))
+    assert not (cut / "state").exists()
+
+
+def test_state_made_with_other_params_data_or_code_is_not_used(tmp_path, caplog):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.npy").write_bytes(b"images")
+    script = tmp_path / "train.py"
+    script.write_text("# stage\n")
+    fp = resume.fingerprint({"lr": 0.05, "epochs": 3}, data, script)
+    resume.SavedState(tmp_path / "s.pt", fp).save(run={"epoch": 1})
+    assert resume.SavedState(tmp_path / "s.pt", fp).load()["run"] == {"epoch": 1}
+
+    caplog.set_level(logging.WARNING)
+    other = resume.fingerprint({"lr": 0.02, "epochs": 3}, data, script)
+    assert resume.SavedState(tmp_path / "s.pt", other).load() is None
+    assert "the parameters changed (lr 0.05 -> 0.02)" in caplog.text
+
+    (data / "train.npy").write_bytes(b"imageZ")
+    assert resume.SavedState(tmp_path / "s.pt", resume.fingerprint({"lr": 0.05, "epochs": 3}, data, script)).load() is None
+    assert "the processed data changed" in caplog.text
+
+    (data / "train.npy").write_bytes(b"images")
+    script.write_text("# stage, edited\n")
+    assert resume.SavedState(tmp_path / "s.pt", resume.fingerprint({"lr": 0.05, "epochs": 3}, data, script)).load() is None
+    assert "the code changed" in caplog.text
+
+    (tmp_path / "s.pt").write_bytes(b"not a state")
+    assert resume.SavedState(tmp_path / "s.pt", fp).load() is None  # a damaged file: start fresh, say so
+    assert "not a readable resume state" in caplog.text
+
+
+def test_snapshot_restores_a_folder_and_refuses_names_outside_it(tmp_path):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.bin").write_bytes(bytes(range(256)))
+    (src / "sub" / "empty").write_bytes(b"")
+    files = resume.snapshot(src)
+    resume.restore(tmp_path / "dst", files)
+    same_tree(src, tmp_path / "dst")
+    with pytest.raises(ValueError, match="unsafe"):
+        resume.restore(tmp_path / "dst", {"../escape": torch.zeros(1, dtype=torch.uint8)})
+    assert not (tmp_path / "escape").exists()
+
+
+def processes_running(script: str, cwd: Path) -> list[int]:
+    """Pids of the processes whose command line names ``script`` and that run in ``cwd``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            if any(script.encode() in arg for arg in cmdline) and Path(os.readlink(proc / "cwd")) == cwd:
+                pids.append(int(proc.name))
+        except (OSError, ValueError):  # gone meanwhile, or not a process
+            continue
+    return pids
+
+
+@pytest.mark.e2e
+def test_dvc_repro_after_kill_resumes(mirror, tmp_path):
+    """Under DVC: the train stage killed mid-run; the next ``dvc repro`` continues it and records the same outputs."""
+    repo = repo_copy(tmp_path / "repo", mirror)
+    set_params(repo, **{**SMALL, "data": {**SMALL["data"], "train_size": 20000}, "epochs": 3})
+    sh(repo, "git", "commit", "-qam", "params")
+    sh(repo, "dvc", "repro", "transform")
+    proc = subprocess.Popen(["dvc", "repro", "train"], cwd=repo, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    state = repo / ".resume" / "train.pt"
+    deadline = time.monotonic() + 120
+    while not state.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "train ended before it could be interrupted"
+        time.sleep(POLL)
+    trainers = processes_running("stages/train.py", cwd=repo)
+    assert trainers
+    for pid in trainers:
+        os.kill(pid, signal.SIGKILL)
+    assert proc.wait(timeout=60) != 0
+
+    resumed = sh(repo, "dvc", "repro", "train")
+    assert "resumed after epoch" in resumed.stdout + resumed.stderr
+    assert not state.exists()
+    lock = (repo / "dvc.lock").read_text()
+    model = (repo / "models" / "model.pt").read_bytes()
+    sh(repo, "dvc", "repro", "-f", "-s", "train")  # the same stage, uninterrupted
+    assert (repo / "dvc.lock").read_text() == lock  # every output's hash, the model's and the logs' included
+    a = torch.load(repo / "models" / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(io.BytesIO(model), weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
