@@ -77,58 +77,72 @@ struct Layer {
     static constexpr int IN = CI * H * H;
     static constexpr int OUT = CO * P * P;
     static constexpr int ROWS = CO * CI * K;          // kernel rows: (co, ci, u)
-    static constexpr int KV = CO * V <= 12 ? V : 1;   // vectors of a conv row computed per pass
+    /* The forward's passes: NR conv rows of CG output channels, KV vectors of each row, in
+       NR * CG * KV <= 12 accumulators. One row of every channel per pass measured fastest here
+       (two or four rows, with fewer channels, were 5-50% slower: the compiler then spills). */
+    static constexpr int NR = 1;
+    static constexpr int CG = CO;
+    static constexpr int KV = CO * V <= 12 ? V : 1;
+    static constexpr int PR = NR > 2 ? NR / 2 : 1;    // pooled rows per group of passes
     static_assert(HO % 8 == 0, "a conv row must be whole 8-float vectors");
-    static_assert(CO * KV <= 12, "the forward's accumulators must fit in 16 vector registers");
+    static_assert(NR * CG * KV <= 12, "the forward's accumulators must fit in 16 vector registers");
+    static_assert(CO % CG == 0 && V % KV == 0 && 2 * PR % NR == 0 && P % PR == 0, "passes must tile the output");
 
     static void forward_one(const float *x, const float *w, const float *b, float *out, uint8_t *idx) {
-        v8 bad = splat(0.0f);  // stays 0 unless a conv output is NaN or infinite (x * 0 is NaN)
-        float rows[2][CO][R];  // conv rows 2p and 2p + 1 of every output channel, zero-padded
+        v8 bad = splat(0.0f);       // stays 0 unless a conv output is NaN or infinite (x * 0 is NaN)
+        float rows[2 * PR][CO][R];  // conv rows 2 p0 .. 2 p0 + 2 PR - 1 of every output channel, zero-padded
         std::memset(rows, 0, sizeof rows);
-        for (int p = 0; p < P; p++) {
-            for (int r = 0; r < 2; r++)
-                for (int k0 = 0; k0 < V; k0 += KV) {  // vectors k0 .. k0 + KV - 1 of the row
-                    v8 acc[CO][KV];
-                    for (int co = 0; co < CO; co++)
-                        for (int k = 0; k < KV; k++) acc[co][k] = splat(b[co]);
-                    for (int ci = 0; ci < CI; ci++)
-                        for (int u = 0; u < K; u++) {
-                            const float *xr = x + (ci * H + 2 * p + r + u) * H + 8 * k0;
-                            for (int v = 0; v < K; v++)
+        for (int p0 = 0; p0 < P; p0 += PR) {
+            for (int r0 = 0; r0 < 2 * PR; r0 += NR)
+                for (int c0 = 0; c0 < CO; c0 += CG)
+                    for (int k0 = 0; k0 < V; k0 += KV) {  // vectors k0 .. k0 + KV - 1 of the rows
+                        v8 acc[NR][CG][KV];
+                        for (int r = 0; r < NR; r++)
+                            for (int c = 0; c < CG; c++)
+                                for (int k = 0; k < KV; k++) acc[r][c][k] = splat(b[c0 + c]);
+                        for (int ci = 0; ci < CI; ci++)
+                            for (int u = 0; u < K; u++) {
+                                const float *xr = x + (ci * H + 2 * p0 + r0 + u) * H + 8 * k0;
+                                const float *wr = w + ((c0 * CI + ci) * K + u) * K;
+                                for (int v = 0; v < K; v++)
+                                    for (int c = 0; c < CG; c++) {
+                                        const v8 wv = splat(wr[c * CI * K * K + v]);
+                                        for (int r = 0; r < NR; r++)
+                                            for (int k = 0; k < KV; k++)
+                                                acc[r][c][k] += wv * load8(xr + r * H + v + 8 * k);
+                                    }
+                            }
+                        for (int r = 0; r < NR; r++)
+                            for (int c = 0; c < CG; c++)
                                 for (int k = 0; k < KV; k++) {
-                                    const v8 xv = load8(xr + v + 8 * k);
-                                    for (int co = 0; co < CO; co++)
-                                        acc[co][k] += w[((co * CI + ci) * K + u) * K + v] * xv;
+                                    store8(&rows[r0 + r][c0 + c][8 * (k0 + k)], acc[r][c][k]);
+                                    bad += acc[r][c][k] * 0.0f;
                                 }
-                        }
-                    for (int co = 0; co < CO; co++)
-                        for (int k = 0; k < KV; k++) {
-                            store8(&rows[r][co][8 * (k0 + k)], acc[co][k]);
-                            bad += acc[co][k] * 0.0f;
-                        }
-                }
+                    }
             /* 8 windows at a time; lanes past the row's end are not stored */
-            for (int co = 0; co < CO; co++)
-                for (int q0 = 0; q0 < P; q0 += 8) {
-                    const float *r0 = &rows[0][co][2 * q0], *r1 = &rows[1][co][2 * q0];
-                    const v8 c[4] = {even8(load8(r0), load8(r0 + 8)), odd8(load8(r0), load8(r0 + 8)),
-                                     even8(load8(r1), load8(r1 + 8)), odd8(load8(r1), load8(r1 + 8))};
-                    v8 m = c[0];
-                    v8i k = spliti(0);
-                    for (int i = 1; i < 4; i++) {  // strictly greater: the first maximum stays
-                        const v8i take = c[i] > m;
-                        m = select8(take, c[i], m);
-                        k = selecti(take, spliti(i), k);
+            for (int pr = 0; pr < PR; pr++)
+                for (int co = 0; co < CO; co++)
+                    for (int q0 = 0; q0 < P; q0 += 8) {
+                        const int p = p0 + pr;
+                        const float *r0 = &rows[2 * pr][co][2 * q0], *r1 = &rows[2 * pr + 1][co][2 * q0];
+                        const v8 c[4] = {even8(load8(r0), load8(r0 + 8)), odd8(load8(r0), load8(r0 + 8)),
+                                         even8(load8(r1), load8(r1 + 8)), odd8(load8(r1), load8(r1 + 8))};
+                        v8 m = c[0];
+                        v8i k = spliti(0);
+                        for (int i = 1; i < 4; i++) {  // strictly greater: the first maximum stays
+                            const v8i take = c[i] > m;
+                            m = select8(take, c[i], m);
+                            k = selecti(take, spliti(i), k);
+                        }
+                        const v8i live = m > splat(0.0f);
+                        m = select8(live, m, splat(0.0f));
+                        k = selecti(live, k, spliti(DEAD));
+                        const int o = (co * P + p) * P + q0;
+                        for (int l = 0; l < 8 && q0 + l < P; l++) {
+                            out[o + l] = m[l];
+                            idx[o + l] = (uint8_t)k[l];
+                        }
                     }
-                    const v8i live = m > splat(0.0f);
-                    m = select8(live, m, splat(0.0f));
-                    k = selecti(live, k, spliti(DEAD));
-                    const int o = (co * P + p) * P + q0;
-                    for (int l = 0; l < 8 && q0 + l < P; l++) {
-                        out[o + l] = m[l];
-                        idx[o + l] = (uint8_t)k[l];
-                    }
-                }
         }
         /* a NaN or infinity in the conv output makes the whole image's output NaN, so that a
            diverged run shows in the loss as it does with PyTorch's layers */
@@ -144,8 +158,9 @@ struct Layer {
     }
 
     /* gw: this block's weight-gradient rows (lane v of row (co, ci, u) is w[co, ci, u, v]'s);
-       gb: its bias sums; gx: this image's input gradient (written), or nullptr when none is needed */
-    static void backward_one(const float *x, const v8 *wrows, const float *gout, const uint8_t *idx, float *gx,
+       gb: its bias sums; wt: the kernel with the input channels in the lanes (lane ci of wt[(co * K + u) * K
+       + v] is w[co, ci, u, v]); gx: this image's input gradient (written), or nullptr when none is needed */
+    static void backward_one(const float *x, const v8 *wt, const float *gout, const uint8_t *idx, float *gx,
                              v8 *gw, float *gb) {
         constexpr int W = H + 4;
         /* the image with each row padded to W floats, so that an 8-wide load at any window
@@ -158,53 +173,80 @@ struct Layer {
             }
         /* Only each window's maximum gets a gradient (outputs the ReLU cut carry 0, which saves a
            branch): add gout times the 5 x 5 input patch under it to the weight gradient, and gout
-           times the kernel to the input gradient, 8 columns (5 used) at a time. Each sum runs over
-           the windows in row-major order. */
-        float gxp[CI][H][W];  // the input gradient, rows padded like xp
-        if (gx) std::memset(gxp, 0, sizeof gxp);
+           times the kernel to the input gradient. Each sum runs over the windows in row-major order,
+           output channel by output channel. */
+        float go[CO][P * P];  // each window's gradient
+        int at[CO][P * P];    // where its maximum's 5 x 5 patch starts: row i, column j as i * W + j
         for (int co = 0; co < CO; co++) {
-            float go[P * P];  // each window's gradient
-            int at[P * P];    // where its maximum's 5 x 5 patch starts in a padded channel: i * W + j
             float sum = 0.0f;
             for (int p = 0; p < P; p++)
                 for (int q = 0; q < P; q++) {
                     const int o = (co * P + p) * P + q, k = idx[o], live = k != DEAD;
-                    go[p * P + q] = live ? gout[o] : 0.0f;
-                    at[p * P + q] = (2 * p + (k >> 1 & 1)) * W + 2 * q + (k & 1);
-                    sum += go[p * P + q];
+                    go[co][p * P + q] = live ? gout[o] : 0.0f;
+                    at[co][p * P + q] = (2 * p + (k >> 1 & 1)) * W + 2 * q + (k & 1);
+                    sum += go[co][p * P + q];
                 }
             gb[co] += sum;
-            for (int ci = 0; ci < CI; ci++) {  // one input channel at a time: 5 accumulators
-                v8 acc[K];
-                std::memcpy(acc, gw + (co * CI + ci) * K, sizeof acc);
-                for (int o = 0; o < P * P; o++) {
-                    const v8 gv = splat(go[o]);
-                    for (int u = 0; u < K; u++) acc[u] += gv * load8(&xp[ci][0][0] + at[o] + u * W);
-                }
-                std::memcpy(gw + (co * CI + ci) * K, acc, sizeof acc);
-            }
-            if (gx)
-                for (int o = 0; o < P * P; o++) {
-                    const v8 gv = splat(go[o]);
-                    for (int ci = 0; ci < CI; ci++)
-                        for (int u = 0; u < K; u++) {
-                            float *d = &gxp[ci][0][0] + at[o] + u * W;
-                            store8(d, load8(d) + gv * wrows[(co * CI + ci) * K + u]);
-                        }
-                }
         }
-        if (gx)
-            for (int ci = 0; ci < CI; ci++)
-                for (int y = 0; y < H; y++) std::memcpy(gx + (ci * H + y) * H, gxp[ci][y], H * sizeof(float));
+        /* The weight gradient, two kernels (co, ci) at a time: 10 accumulators, 8 columns (5 used)
+           of a patch row each, so that the additions overlap and still fit 16 vector registers. */
+        constexpr int PAIRS = CO * CI;
+        constexpr int PAIRED = CI > 1 ? PAIRS / 2 * 2 : 0;  // conv1's are long enough alone (144 windows)
+        for (int c0 = 0; c0 < PAIRED; c0 += 2) {
+            const int c1 = c0 + 1, co0 = c0 / CI, co1 = c1 / CI;
+            const float *x0 = &xp[c0 % CI][0][0], *x1 = &xp[c1 % CI][0][0];
+            v8 acc0[K], acc1[K];
+            std::memcpy(acc0, gw + c0 * K, sizeof acc0);
+            std::memcpy(acc1, gw + c1 * K, sizeof acc1);
+            for (int o = 0; o < P * P; o++) {
+                const v8 g0 = splat(go[co0][o]), g1 = splat(go[co1][o]);
+                const float *p0 = x0 + at[co0][o], *p1 = x1 + at[co1][o];
+                for (int u = 0; u < K; u++) {
+                    acc0[u] += g0 * load8(p0 + u * W);
+                    acc1[u] += g1 * load8(p1 + u * W);
+                }
+            }
+            std::memcpy(gw + c0 * K, acc0, sizeof acc0);
+            std::memcpy(gw + c1 * K, acc1, sizeof acc1);
+        }
+        for (int c = PAIRED; c < PAIRS; c++) {  // the rest one by one
+            const int co = c / CI;
+            const float *x0 = &xp[c % CI][0][0];
+            v8 acc[K];
+            std::memcpy(acc, gw + c * K, sizeof acc);
+            for (int o = 0; o < P * P; o++) {
+                const v8 g = splat(go[co][o]);
+                for (int u = 0; u < K; u++) acc[u] += g * load8(x0 + at[co][o] + u * W);
+            }
+            std::memcpy(gw + c * K, acc, sizeof acc);
+        }
+        if (!gx) return;
+        /* The input gradient with the input channels in the lanes: every window adds to whole
+           8-float cells, never to part of one that an earlier window wrote, so the loads that follow
+           stores get their data forwarded. */
+        static_assert(CI <= 8, "the input channels must fit in the lanes of one vector");
+        v8 gxt[H * H];
+        for (int c = 0; c < H * H; c++) gxt[c] = splat(0.0f);
+        for (int co = 0; co < CO; co++)
+            for (int o = 0; o < P * P; o++) {
+                const v8 gv = splat(go[co][o]);
+                const int a = at[co][o], i = a / W, j = a % W;
+                v8 *d = gxt + i * H + j;
+                const v8 *wk = wt + co * K * K;
+                for (int u = 0; u < K; u++)
+                    for (int v = 0; v < K; v++) d[u * H + v] += gv * wk[u * K + v];
+            }
+        for (int ci = 0; ci < CI; ci++)
+            for (int c = 0; c < H * H; c++) gx[ci * H * H + c] = gxt[c][ci];
     }
 
     /* gx (or nullptr when the input needs no gradient), gw, gb: written, not accumulated. */
     static void backward(const float *x, const float *w, const float *gout, const uint8_t *idx, float *gx,
                          float *gw, float *gb, int64_t n) {
-        v8 wrows[ROWS];  // kernel rows padded to 8 lanes with zeros
-        for (int r = 0; r < ROWS; r++) {
-            wrows[r] = splat(0.0f);
-            for (int v = 0; v < K; v++) wrows[r][v] = w[r * K + v];
+        v8 wt[CO * K * K];  // the kernel with the input channels in the lanes, zeros past CI
+        for (int r = 0; r < CO * K * K; r++) {
+            wt[r] = splat(0.0f);
+            for (int ci = 0; ci < CI; ci++) wt[r][ci] = w[((r / (K * K) * CI + ci) * K * K) + r % (K * K)];
         }
         /* each block's weight-gradient rows (8 floats each) and bias sums, in block order */
         constexpr int64_t SLAB = ROWS * 8 + CO;
@@ -217,7 +259,7 @@ struct Layer {
                 float bias[CO] = {0};
                 for (int r = 0; r < ROWS; r++) rows[r] = splat(0.0f);
                 for (int64_t i = blk * BLOCK; i < std::min(n, (blk + 1) * BLOCK); i++)
-                    backward_one(x + i * IN, wrows, gout + i * OUT, idx + i * OUT, gx ? gx + i * IN : nullptr,
+                    backward_one(x + i * IN, wt, gout + i * OUT, idx + i * OUT, gx ? gx + i * IN : nullptr,
                                  rows, bias);
                 float *slab = part + blk * SLAB;
                 for (int r = 0; r < ROWS; r++) store8(slab + 8 * r, rows[r]);
