@@ -1,0 +1,138 @@
+"""The ``fmnist`` command installed with the package: ``fmnist predict`` and ``fmnist doctor``.
+
+Errors are one line, ``error: <file>: <what is wrong>``, on stderr, as the stages report them
+(:func:`fmnist.cli.run`). Exit status: 0 when everything worked; 1 when a picture or the model
+could not be read, or doctor found something that stops the pipeline; 2 for a bad command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import cli
+from .errors import PipelineError
+
+PREDICT_EXAMPLES = """\
+examples:
+  fmnist predict shoe.jpg
+  fmnist predict photos/ --top 5
+  fmnist predict scan.png --invert no --json
+  fmnist predict shirt.jpg --model models/other.pt --device cpu
+
+A folder stands for the image files directly in it (any format Pillow reads, by extension,
+sorted by name; subfolders are not searched). Each picture is made to look like the training
+images: grayscale, inverted if its background is light (judged from its border), cropped to
+the item, padded to a square, resized to 28x28. A 28x28 picture is taken as it is (inverted
+if need be). A file that cannot be classified gives one error line and exit status 1; the
+others are still classified.
+"""
+
+DOCTOR_EXAMPLES = """\
+examples:
+  fmnist doctor
+  fmnist doctor --repo ~/src/fmnist
+
+Checks the installation (Python, torch, torchvision, DVC, TensorBoard, Pillow, CUDA and cuDNN,
+GPUs, the fused CPU kernel, threads) and the repository (params.yaml, data/raw,
+data/processed, models/model.pt, the DVC remote). Each line is ok, info, todo (missing, with
+the next step: the pipeline makes it) or FAIL (the default pipeline cannot run). Exit status
+1 only when something FAILs.
+"""
+
+
+def _top(value: str) -> int:
+    from . import CLASSES
+
+    k = int(value) if value.isdigit() else 0
+    if not 1 <= k <= len(CLASSES):
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to {len(CLASSES)}, got {value!r}")
+    return k
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fmnist", description="Fashion-MNIST: classify pictures with the trained "
+                                     "model, or check the installation.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{predict,doctor}")
+
+    pred = sub.add_parser("predict", help="classify pictures with a trained checkpoint",
+                          description="Classify pictures (files or folders of them) with a trained checkpoint; "
+                                      "print the most probable classes of each.",
+                          epilog=PREDICT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    pred.add_argument("paths", nargs="+", metavar="IMAGE|FOLDER", help="picture files, or folders of them")
+    pred.add_argument("--model", default="models/model.pt", help="checkpoint to use (default: %(default)s)")
+    pred.add_argument("--top", type=_top, default=3, metavar="K", help="classes to show per picture (default: 3)")
+    pred.add_argument("--invert", choices=("auto", "yes", "no"), default="auto",
+                      help="make a light background dark: auto decides from the picture's border (default)")
+    pred.add_argument("--no-crop", dest="crop", action="store_false",
+                      help="keep the whole picture instead of cropping it to the item first")
+    pred.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                      help="where the model runs: auto uses a CUDA GPU when there is one (default)")
+    pred.add_argument("--json", action="store_true", help="print a JSON list, one object per picture")
+    pred.set_defaults(run=run_predict)
+
+    doc = sub.add_parser("doctor", help="check the installation and what the pipeline needs",
+                         description="Check the installation and this repository; say what to do next.",
+                         epilog=DOCTOR_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    doc.add_argument("--repo", default=".", type=Path, metavar="PATH",
+                     help="the repository's root folder (default: the current one)")
+    doc.set_defaults(run=run_doctor)
+    return parser
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from . import predict
+
+    device = predict.resolve_device(args.device)
+    model, info = predict.load_model(args.model, device)  # a missing model stops here, in one line
+    pictures, failed = [], 0
+    for path in args.paths:
+        try:
+            files = predict.expand(path)
+        except PipelineError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            failed += 1
+            continue
+        for file in files:
+            try:
+                pictures.append(predict.read_picture(file, args.invert, args.crop))
+            except PipelineError as e:  # this picture only: the others are still classified
+                print(f"error: {e}", file=sys.stderr, flush=True)
+                failed += 1
+    results = predict.classify(model, info, pictures, device)
+    if args.json:
+        print(json.dumps([predict.as_record(r, args.top) for r in results], indent=2))
+    else:
+        for r in results:
+            print(predict.as_text(r, args.top))
+    return 1 if failed else 0
+
+
+def run_doctor(args: argparse.Namespace) -> int:
+    from . import doctor
+
+    repo = args.repo.expanduser().resolve()
+    if not repo.is_dir():
+        raise PipelineError(f"{args.repo}: no such folder (--repo takes the repository's root folder)")
+    checks = doctor.run_checks(repo)
+    print(doctor.render(repo, checks))
+    return 1 if any(c.state == doctor.FAIL for c in checks) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The console script: parse, run the subcommand under :func:`fmnist.cli.run`, return the exit status."""
+    args = build_parser().parse_args(argv)
+    status = 0
+
+    def body() -> None:
+        nonlocal status
+        status = args.run(args)
+
+    cli.run(body)  # a PipelineError or OSError becomes one line and exit status 1; signals stop cleanly
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
