@@ -1,0 +1,278 @@
+"""End-to-end: a team shares results through DVC remote storage, with the real dvc and git commands.
+
+Clone A reproduces the pipeline once on small data and pushes to a local folder remote and a bare git
+`origin`; every test then clones `origin` into a fresh folder and pulls what it needs, so a test needs
+no other test to have run. A test that runs an experiment in A puts A back as it was afterwards.
+"""
+
+import hashlib
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .test_dvc_e2e import ENV, repo_copy, sh
+
+pytestmark = pytest.mark.e2e
+
+# new values for `-S`: none is the small-data default lr (0.05), so each experiment retrains
+LR_RUN_CACHE = 0.03
+LR_SHARED = 0.04
+EXP_NAME = "shared-lr"
+CACHED = "Stage '{}' is cached - skipping run, checking out outputs"  # DVC's words (dvc/stage/cache.py)
+
+# the credentials moto takes (it checks none); kept in .dvc/config.local, never in git
+S3_KEY, S3_SECRET = "testing-key", "testing-secret"
+
+
+@dataclass(frozen=True)
+class Team:
+    a: Path        # the clone that ran the pipeline
+    origin: Path   # the bare git repository everyone pushes to and clones from
+    storage: Path  # the DVC remote: a local (or NAS) folder
+
+
+@pytest.fixture(scope="module")
+def team(mirror, tmp_path_factory) -> Team:
+    """Clone A after `dvc repro`, with its results committed, pushed to `storage` and to `origin`."""
+    base = tmp_path_factory.mktemp("remote")
+    a = repo_copy(base / "a", mirror)
+    sh(a, "dvc", "repro")  # the only full pipeline run of this module
+    sh(a, "git", "add", "-A")
+    sh(a, "git", "commit", "-qm", "baseline")
+    storage = base / "storage"
+    sh(a, "dvc", "remote", "add", "-d", "storage", str(storage))
+    sh(a, "git", "add", ".dvc/config")
+    sh(a, "git", "commit", "-qm", "the team's DVC remote")
+    sh(a, "dvc", "push")
+    origin = base / "origin.git"
+    sh(base, "git", "init", "-q", "--bare", str(origin))
+    sh(a, "git", "remote", "add", "origin", str(origin))
+    sh(a, "git", "push", "-q", "origin", "HEAD")
+    return Team(a, origin, storage)
+
+
+def clone(team: Team, dest: Path, branch: str | None = None) -> Path:
+    """A teammate's fresh clone of `origin`: the code, params, dvc.lock and metrics, none of the DVC outputs."""
+    sh(dest.parent, "git", "clone", "-q", *(["--branch", branch] if branch else []), str(team.origin), str(dest))
+    sh(dest, "git", "config", "user.email", "b@example.com")  # dvc exp run commits to refs/exps
+    sh(dest, "git", "config", "user.name", "b")
+    return dest
+
+
+@contextmanager
+def experiment_in(repo: Path):
+    """Run an experiment in ``repo``'s workspace, then put the workspace back at HEAD, outputs included."""
+    try:
+        yield
+    finally:
+        sh(repo, "git", "reset", "-q", "--hard")
+        sh(repo, "dvc", "checkout", "-q")
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def locked_outputs(repo: Path) -> tuple[dict[str, str], set[str]]:
+    """Every file of every output in ``repo``'s dvc.lock (path -> md5, directories expanded from its cache),
+    and the directory outputs."""
+    files, folders = {}, set()
+    for stage in yaml.safe_load((repo / "dvc.lock").read_text())["stages"].values():
+        for out in stage.get("outs", []):
+            md5 = out["md5"]
+            if md5.endswith(".dir"):  # a directory output: its manifest lists relpath and md5 of each file
+                folders.add(out["path"])
+                manifest = repo / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
+                for entry in json.loads(manifest.read_text()):
+                    files[f"{out['path']}/{entry['relpath']}"] = entry["md5"]
+            else:
+                files[out["path"]] = md5
+    return files, folders
+
+
+def files_under(repo: Path, folders: set[str]) -> set[str]:
+    return {p.relative_to(repo).as_posix() for f in folders for p in (repo / f).rglob("*") if p.is_file()}
+
+
+def in_storage(storage: Path, path: Path) -> bool:
+    """Whether a DVC remote folder holds the bytes of ``path`` (DVC 3 lays objects out as files/md5/ab/cdef...)."""
+    md5 = hashlib.md5(path.read_bytes()).hexdigest()
+    return (storage / "files" / "md5" / md5[:2] / md5[2:]).is_file()
+
+
+def experiments(repo: Path) -> dict[str, dict]:
+    """`dvc exp show --json` as experiment name -> its data (params, metrics)."""
+    shown = json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout)
+    return {rev["name"]: rev["data"]
+            for commit in shown for exp in commit.get("experiments") or [] for rev in exp["revs"]}
+
+
+def assert_same_outputs(a: Path, b: Path) -> None:
+    """``b`` holds every output file of ``a``'s dvc.lock with ``a``'s bytes, and nothing else in those folders."""
+    locked, folders = locked_outputs(a)
+    assert {"models/model.pt", "data/raw/train-images-idx3-ubyte.gz", "data/processed/train_images.npy",
+            "metrics/train.json"} <= set(locked), sorted(locked)
+    assert {"data/raw", "data/processed", "runs/train", "runs/sweep"} <= folders, folders
+    for rel, md5 in locked.items():
+        assert hashlib.md5((b / rel).read_bytes()).hexdigest() == md5, rel  # what dvc.lock records
+        assert sha256(b / rel) == sha256(a / rel), rel                       # and A's bytes
+    # files that .dvcignore keeps out of an output (the sweep's timing table) stay where they were made
+    assert files_under(b, folders) == {rel for rel in locked if any(rel.startswith(f + "/") for f in folders)}
+
+
+def test_a_clone_pulls_every_output_bit_for_bit_and_has_nothing_to_reproduce(team, tmp_path):
+    b = clone(team, tmp_path / "b")
+    assert not (b / "models" / "model.pt").exists() and not (b / "data" / "raw").exists()  # git alone carries none
+    pulled = sh(b, "dvc", "pull")
+    assert "fetched" in pulled.stdout, pulled.stdout
+    assert_same_outputs(team.a, b)
+
+    repro = sh(b, "dvc", "repro").stdout
+    assert "Data and pipelines are up to date." in repro and "Running stage" not in repro, repro
+    for stage in yaml.safe_load((b / "dvc.yaml").read_text())["stages"]:
+        assert f"Stage '{stage}' didn't change, skipping" in repro, repro
+    assert sh(b, "dvc", "status").stdout.strip() == "Data and pipelines are up to date."
+    assert "in sync" in sh(b, "dvc", "status", "--cloud").stdout
+    assert sh(b, "git", "status", "--porcelain").stdout == ""
+
+
+@pytest.fixture(scope="module")
+def new_split(team) -> dict[str, str]:
+    """A's experiment with another train/validation split, pushed with its run-cache: data/processed's digests."""
+    # transform: a stage whose outputs are all cached, the kind DVC keeps a run-cache for (see below)
+    with experiment_in(team.a):
+        ran = sh(team.a, "dvc", "exp", "run", "transform", "-S", "data.split_seed=1").stdout
+        assert "Running stage 'transform'" in ran, ran
+        digests = {p.name: sha256(p) for p in (team.a / "data" / "processed").iterdir()}
+        sh(team.a, "dvc", "push", "--run-cache")  # the run's record, and its outputs (in the workspace now)
+    assert digests != {p.name: sha256(p) for p in (team.a / "data" / "processed").iterdir()}  # a new split indeed
+    return digests
+
+
+def test_a_shared_run_cache_restores_a_stage_in_another_clone_instead_of_running_it(team, new_split, tmp_path):
+    b = clone(team, tmp_path / "b")
+    sh(b, "dvc", "pull", "--run-cache")
+    assert list((b / ".dvc" / "cache" / "runs").rglob("*")), "dvc pull --run-cache brought no run records"
+    # --pull: the records name the outputs, which are fetched from the remote when the stage is restored
+    out = sh(b, "dvc", "exp", "run", "--pull", "transform", "-S", "data.split_seed=1").stdout
+    assert CACHED.format("transform") in out and "Running stage" not in out, out
+    assert {p.name: sha256(p) for p in (b / "data" / "processed").iterdir()} == new_split
+
+
+def test_a_pulled_run_cache_reruns_the_stage_without_pull_as_its_outputs_are_only_remote(team, new_split, tmp_path):
+    # why the README says --pull: `dvc pull --run-cache` brings the run records but not the outputs they
+    # name, and DVC restores a stage from a record only when those outputs are in the local cache
+    b = clone(team, tmp_path / "b")
+    sh(b, "dvc", "pull", "--run-cache")
+    out = sh(b, "dvc", "exp", "run", "transform", "-S", "data.split_seed=1").stdout
+    assert "Running stage 'transform'" in out and CACHED.format("transform") not in out, out
+    assert {p.name: sha256(p) for p in (b / "data" / "processed").iterdir()} == new_split  # the same bits anyway
+
+
+def test_a_shared_run_cache_restores_training_in_another_clone(team, tmp_path):
+    with experiment_in(team.a):
+        sh(team.a, "dvc", "exp", "run", "train", "-S", f"lr={LR_RUN_CACHE}")  # train alone: what is tested
+        model = sha256(team.a / "models" / "model.pt")
+        sh(team.a, "dvc", "push", "--run-cache")
+
+    b = clone(team, tmp_path / "b")
+    sh(b, "dvc", "pull", "--run-cache")
+    out = sh(b, "dvc", "exp", "run", "--pull", "train", "-S", f"lr={LR_RUN_CACHE}").stdout
+    # restored, not trained: possible because every output of train is in DVC's cache (dvc.yaml)
+    assert "Running stage 'train'" not in out and CACHED.format("train") in out, out
+    assert sha256(b / "models" / "model.pt") == model
+
+
+def test_an_experiment_pushed_to_origin_is_listed_applied_and_checked_out_in_another_clone(team, tmp_path):
+    with experiment_in(team.a):
+        sh(team.a, "dvc", "exp", "run", "-n", EXP_NAME, "-S", f"lr={LR_SHARED}")
+        model = sha256(team.a / "models" / "model.pt")
+        metrics = json.loads((team.a / "metrics" / "eval.json").read_text())
+        assert not in_storage(team.storage, team.a / "models" / "model.pt")
+        pushed = sh(team.a, "dvc", "exp", "push", "origin", EXP_NAME)
+        assert "Pushed experiment" in pushed.stdout and EXP_NAME in pushed.stdout, pushed.stdout
+        assert in_storage(team.storage, team.a / "models" / "model.pt")  # the outputs went to the DVC remote
+
+    b = clone(team, tmp_path / "b")
+    assert EXP_NAME not in experiments(b)
+    sh(b, "dvc", "exp", "pull", "origin", EXP_NAME)  # the git ref from origin and its outputs from storage
+    shown = experiments(b)[EXP_NAME]
+    assert shown["params"]["params.yaml"]["data"]["lr"] == LR_SHARED
+    assert shown["metrics"]["metrics/eval.json"]["data"]["test_accuracy"] == metrics["test_accuracy"]
+
+    sh(b, "dvc", "exp", "apply", EXP_NAME)
+    assert sha256(b / "models" / "model.pt") == model
+    assert json.loads((b / "metrics" / "eval.json").read_text()) == metrics
+    assert yaml.safe_load((b / "params.yaml").read_text())["lr"] == LR_SHARED
+    status = sh(b, "dvc", "status").stdout
+    assert status.strip() == "Data and pipelines are up to date.", status  # nothing to rerun, nothing missing
+
+
+@pytest.fixture
+def s3_endpoint(monkeypatch, tmp_path):
+    """An S3-compatible server (moto) on a free localhost port, with a bucket; stopped after the test.
+
+    The dvc commands see no AWS credentials, profile or instance metadata of the machine's own, so the
+    only credentials are those a test gives DVC."""
+    boto3 = pytest.importorskip("boto3")
+    server_module = pytest.importorskip("moto.server", reason="needs moto[server] (pip install -e '.[dev]')")
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                "AWS_DEFAULT_PROFILE"):
+        monkeypatch.delitem(ENV, var, raising=False)
+    monkeypatch.setitem(ENV, "AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setitem(ENV, "AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setitem(ENV, "AWS_EC2_METADATA_DISABLED", "true")  # no credential look-up over the network
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        url = f"http://{host}:{port}"
+        s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1",
+                          aws_access_key_id=S3_KEY, aws_secret_access_key=S3_SECRET)
+        s3.create_bucket(Bucket="fmnist")
+        yield url, s3
+    finally:
+        server.stop()
+
+
+def test_an_s3_remote_round_trips_every_output_with_credentials_kept_out_of_git(team, s3_endpoint, tmp_path):
+    pytest.importorskip("dvc_s3", reason="needs dvc-s3 (pip install -e '.[s3]')")
+    url, s3 = s3_endpoint
+
+    def credentials(repo: Path) -> None:
+        sh(repo, "dvc", "remote", "modify", "--local", "s3", "access_key_id", S3_KEY)
+        sh(repo, "dvc", "remote", "modify", "--local", "s3", "secret_access_key", S3_SECRET)
+
+    branch = sh(team.a, "git", "branch", "--show-current").stdout.strip()
+    sh(team.a, "git", "switch", "-q", "-c", "s3-remote")  # the move to S3, on a branch: other tests keep `storage`
+    try:
+        sh(team.a, "dvc", "remote", "add", "-d", "s3", "s3://fmnist/dvc")
+        sh(team.a, "dvc", "remote", "modify", "s3", "endpointurl", url)
+        credentials(team.a)
+        sh(team.a, "git", "add", ".dvc/config")
+        sh(team.a, "git", "commit", "-qm", "S3 remote")
+        assert S3_SECRET not in (team.a / ".dvc" / "config").read_text()
+        assert S3_SECRET in (team.a / ".dvc" / "config.local").read_text()
+        assert sh(team.a, "git", "check-ignore", ".dvc/config.local").returncode == 0  # git never takes it
+        pushed = sh(team.a, "dvc", "push")
+        assert "pushed" in pushed.stdout, pushed.stdout
+        sh(team.a, "git", "push", "-q", "origin", "s3-remote")
+    finally:
+        (team.a / ".dvc" / "config.local").unlink(missing_ok=True)  # it names a remote only the branch defines
+        sh(team.a, "git", "switch", "-q", branch)
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket="fmnist")
+    keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
+    assert keys and all(k.startswith("dvc/files/md5/") for k in keys), keys[:5]
+
+    b = clone(team, tmp_path / "b", branch="s3-remote")
+    assert sh(b, "dvc", "remote", "default").stdout.strip() == "s3"
+    denied = sh(b, "dvc", "pull", check=False)  # the clone has the URL from git, not the credentials
+    assert denied.returncode != 0 and "Unable to locate credentials" in denied.stderr, denied.stderr
+    credentials(b)
+    sh(b, "dvc", "pull")
+    assert_same_outputs(team.a, b)
+    assert "in sync" in sh(b, "dvc", "status", "--cloud").stdout
