@@ -58,10 +58,10 @@ def draw_pipeline(nodes: list[str], edges: list[tuple[str, str]], path: Path) ->
     fig, ax = plt.subplots(figsize=(1.6 + 2.2 * width, 0.6 + 1.2 * len(rows)))
     for a, b in edges:
         ax.annotate("", xy=pos[b], xytext=pos[a],
-                    arrowprops=dict(arrowstyle="-|>", color="#555", shrinkA=16, shrinkB=16, lw=1.2))
+                    arrowprops={"arrowstyle": "-|>", "color": "#555", "shrinkA": 16, "shrinkB": 16, "lw": 1.2})
     for n, (x, y) in pos.items():
         ax.text(x, y, n, ha="center", va="center", fontsize=11, family="monospace",
-                bbox=dict(boxstyle="round,pad=0.5", fc="#e8f0fe", ec="#3367d6"))
+                bbox={"boxstyle": "round,pad=0.5", "fc": "#e8f0fe", "ec": "#3367d6"})
     xs, ys = [x for x, _ in pos.values()], [y for _, y in pos.values()]
     ax.set(xlim=(min(xs) - 1.2, max(xs) + 1.2), ylim=(min(ys) - 0.6, max(ys) + 0.6))
     ax.axis("off")
@@ -95,7 +95,7 @@ def main() -> None:
     missing = [str(p.relative_to(ROOT)) for p in needed if not p.is_file()]
     if missing:
         sys.exit(f"error: {', '.join(missing)} missing: run `dvc repro` (or `dvc pull`) first")
-    dag = subprocess.run(["dvc", "dag", "--dot"], cwd=ROOT, capture_output=True, text=True)
+    dag = subprocess.run(["dvc", "dag", "--dot"], cwd=ROOT, capture_output=True, text=True, check=False)
     if dag.returncode != 0:
         sys.exit(f"error: dvc dag failed: {dag.stderr.strip().splitlines()[-1] if dag.stderr.strip() else dag.returncode}")
     args.out.mkdir(parents=True, exist_ok=True)

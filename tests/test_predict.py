@@ -302,7 +302,7 @@ def test_device_cuda_without_a_gpu_is_one_line(trained, pictures, capsys):
     good = sorted((pictures / "plain_png").iterdir())[0]
     status, _, err = run_main(["predict", "--device", "cuda", "--model", trained[0], good], capsys)
     assert status == 1
-    assert err.splitlines() == ["error: --device cuda: no CUDA GPU is available (use --device auto or cpu)"]
+    assert err.splitlines() == ["error: --device is 'cuda' but no CUDA GPU is available (use auto or cpu)"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

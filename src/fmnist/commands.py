@@ -84,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_predict(args: argparse.Namespace) -> int:
     from . import predict
+    from .engine import resolve_device
 
-    device = predict.resolve_device(args.device)
+    device = resolve_device(args.device, setting="--device")
     model, info = predict.load_model(args.model, device)  # a missing model stops here, in one line
     pictures, failed = [], 0
     for path in args.paths:

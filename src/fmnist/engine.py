@@ -26,10 +26,10 @@ from .params import TrainParams, training_values
 log = logging.getLogger(__name__)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when present, else CPU; ``cuda`` without a GPU is an error."""
+def resolve_device(name: str, setting: str = "params.yaml: device") -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; ``cuda`` without a GPU is an error naming ``setting``."""
     if name == "cuda" and not torch.cuda.is_available():
-        raise ParamsError("params.yaml: device is 'cuda' but no CUDA GPU is available (use auto or cpu)")
+        raise ParamsError(f"{setting} is 'cuda' but no CUDA GPU is available (use auto or cpu)")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)

@@ -32,7 +32,7 @@ import torch
 from PIL import Image, ImageOps
 
 from . import CLASSES
-from .errors import DataError, PipelineError
+from .errors import DataError
 from .fileio import os_reason
 
 SIZE = 28  # the training images' side, in pixels
@@ -187,15 +187,6 @@ def read_picture(path: str | Path, invert: str = "auto", crop: bool = True) -> P
         raise DataError(f"{path}: the image has no pixels")
     pixels, inverted = prepare(gray, invert, crop)
     return Picture(str(path), pixels, gray.shape[1], gray.shape[0], inverted)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when present, else the CPU; ``cuda`` without a GPU is an error naming the option."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("--device cuda: no CUDA GPU is available (use --device auto or cpu)")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 def load_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
