@@ -89,7 +89,7 @@ def test_every_key_a_stage_reads_is_declared_in_dvc_yaml():
     assert set(stage("train")["params"]) == train_keys
     assert set(stage("evaluate")["params"]) == {"tta", *params.RUNTIME_KEYS}
     assert stage("transform")["params"] == ["data"]
-    assert set(stage("sweep")["params"]) == {"sweep", *params.RUNTIME_KEYS}
+    assert set(stage("sweep")["params"]) == {"sweep", "sweep_workers", *params.RUNTIME_KEYS}
 
 
 def test_train_stage_rejects_bad_params_before_any_work(tmp_path):
@@ -209,6 +209,7 @@ EDGES = {  # field -> (values accepted, values refused); every field of both dat
         "device": (["auto", "cpu", "cuda"], ["gpu", "CPU"]),
         "cpu_kernel": (["fused", "torch"], ["c", "Torch"]),
         "numerics": (["portable", "native"], ["fast", "avx2"]),
+        "processes": ([1, 2, 64], [0, -1, 1.5, True, "2"]),
     },
 }
 FIELDS = [(cls, f.name) for cls in EDGES for f in dataclasses.fields(cls)]
@@ -245,3 +246,10 @@ def test_every_choice_the_dataclass_allows_is_in_the_edge_table():
                "device": params.DEVICES, "cpu_kernel": params.CPU_KERNELS, "numerics": params.NUMERICS}
     for key, allowed in choices.items():
         assert set(EDGES[params.TrainParams][key][0]) == set(allowed), key
+
+
+def test_sweep_workers_is_zero_for_auto_or_a_positive_count():
+    assert params.sweep_workers({}) == 0 and params.sweep_workers({"sweep_workers": 3}) == 3
+    for bad in (-1, 1.5, True, "2", None):
+        with pytest.raises(ParamsError, match="sweep_workers must be 0"):
+            params.sweep_workers({"sweep_workers": bad})

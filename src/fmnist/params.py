@@ -76,13 +76,19 @@ class TrainParams:
         "portable", str, f"one of {', '.join(NUMERICS)} (CPU instruction set of PyTorch's kernels)",
         lambda v: v in NUMERICS,
     )
+    processes: int = _spec(
+        1, int, "a positive integer (training processes, torch.distributed data-parallel)", _positive,
+    )
 
 
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainParams))
 EVAL_ONLY_KEYS = ("tta",)  # read by evaluate, not by train: changing them must not retrain
 # how a run computes, not what it trains: a sweep takes them from the top level for every run
 RUNTIME_KEYS = ("device", "cpu_kernel", "numerics")
-UNSWEPT_KEYS = EVAL_ONLY_KEYS + RUNTIME_KEYS
+# a sweep run is one process: its parallelism is sweep_workers, runs side by side
+UNSWEPT_KEYS = EVAL_ONLY_KEYS + RUNTIME_KEYS + ("processes",)
+# top-level keys that are not training hyperparameters
+OTHER_KEYS = ("sweep_workers",)
 
 
 def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
@@ -202,11 +208,11 @@ def load(path: str | Path = "params.yaml") -> dict[str, Any]:
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping of keys to values")
-    unknown = sorted(set(raw) - set(TRAIN_KEYS) - set(SECTIONS), key=str)
+    unknown = sorted(set(raw) - set(TRAIN_KEYS) - set(OTHER_KEYS) - set(SECTIONS), key=str)
     if unknown:
         raise ParamsError(
             f"params.yaml: unknown key {unknown[0]!r} "
-            f"(known: {', '.join(TRAIN_KEYS + SECTIONS)})"
+            f"(known: {', '.join(TRAIN_KEYS + OTHER_KEYS + SECTIONS)})"
         )
     return raw
 
@@ -259,3 +265,12 @@ def sweep_grid(raw: Mapping[str, Any]) -> dict[str, list]:
         fld = next(f for f in dataclasses.fields(TrainParams) if f.name == key)
         grid[key] = [_coerce(f"sweep.{key}", v, fld) for v in values]
     return grid
+
+
+def sweep_workers(raw: Mapping[str, Any]) -> int:
+    """``sweep_workers``: sweep runs trained side by side, each in its own process; 0 = sized to the machine."""
+    value = raw.get("sweep_workers", 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ParamsError(f"params.yaml: sweep_workers must be 0 (as many as the cores allow) or a positive "
+                          f"integer, got {value!r}")
+    return value
