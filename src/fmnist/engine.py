@@ -20,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .data import Split
+from .distributed import World
 from .errors import ParamsError, PipelineError
 from .params import TrainParams, training_values
 
@@ -125,12 +126,18 @@ def train_one_epoch(
     tracker=None,
     progress: bool = False,
     epoch: int = 1,
+    world: World = World(),
 ) -> None:
     """One pass over ``data`` in a seeded order: forward, loss, zero_grad, backward, step.
 
     ``tracker`` (a :class:`~fmnist.tracking.RunManager`) is told each batch's mean loss and
     predictions; the last batch may be short and is weighted by its true size. Raises
     :class:`Diverged`, naming ``epoch`` and the first bad batch, if a loss was NaN or infinite.
+
+    Under data parallelism (``world.size`` > 1, ``model`` a DistributedDataParallel) every process
+    draws the same permutation and flips and takes its own shard of each global batch of
+    ``batch_size``; its loss is scaled so that the gradient DDP averages over processes is the
+    global batch's mean. The tracker then holds this process's sums, to be added up across them.
     """
     model.train()
     n = len(data)
@@ -140,14 +147,21 @@ def train_one_epoch(
     losses = []  # 0-d device tensors: checked once at the end, so CUDA is not synchronised per batch
     for start in tqdm(starts, leave=False, unit="batch", disable=not progress):
         idx = order[start : start + p.batch_size]
+        batch = len(idx)  # the global batch: the last one may be short
+        flip = torch.rand(batch, generator=generator, device=device) < 0.5 if p.flip else None  # mirror half
+        if world.size > 1:
+            idx, flip = idx[world.shard(batch)], None if flip is None else flip[world.shard(batch)]
         # index_select: 4-5x faster than x[idx] for a batch of 100 on the CPU (measured)
         images, labels = data.x.index_select(0, idx), data.y.index_select(0, idx)
-        if p.flip:  # mirror half the batch, on the device
-            flip = torch.rand(len(idx), generator=generator, device=device) < 0.5
+        if flip is not None:
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
         with autocast(device):
             logits = model(images)
-            loss = F.cross_entropy(logits, labels, label_smoothing=p.label_smoothing)
+            if world.size == 1:
+                loss = F.cross_entropy(logits, labels, label_smoothing=p.label_smoothing)
+            else:
+                loss = F.cross_entropy(logits, labels, label_smoothing=p.label_smoothing, reduction="sum")
+                loss = loss * (world.size / batch)  # DDP divides the summed gradients by world.size
         losses.append(loss.detach())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -155,7 +169,8 @@ def train_one_epoch(
         if scheduler is not None:
             scheduler.step()
         if tracker is not None:
-            tracker.track_loss(loss, len(idx))
+            local_sum = loss.detach() * (batch / world.size) if world.size > 1 else loss.detach() * len(idx)
+            tracker.track_loss(local_sum / max(len(idx), 1), len(idx))
             tracker.track_num_correct(logits, labels)
     finite = torch.isfinite(torch.stack(losses))
     if not bool(finite.all()):
@@ -184,12 +199,20 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1000, tta: bool
     return torch.cat(out)
 
 
-def evaluate(model: nn.Module, data: DeviceSplit, tta: bool = False) -> tuple[float, float, torch.Tensor]:
+def evaluate(
+    model: nn.Module, data: DeviceSplit, tta: bool = False, world: World = World(),
+) -> tuple[float, float, torch.Tensor]:
     """(mean cross-entropy, accuracy in [0, 1], logits) over a whole split.
 
     The accuracy is the exact fraction correct / total (a float32 mean would report 0.912 as
-    0.9120000004768372).
+    0.9120000004768372). Under data parallelism each process predicts its shard and the sums are
+    added up across processes (the logits returned are then this process's shard only).
     """
+    if world.size > 1:
+        part = world.shard(len(data))
+        logits, y = predict(model, data.x[part], tta=tta), data.y[part]
+        loss_sum, correct = world.sum(F.cross_entropy(logits, y, reduction="sum"), (logits.argmax(1) == y).sum())
+        return float(loss_sum) / len(data), int(correct) / len(data), logits
     logits = predict(model, data.x, tta=tta)
     loss = F.cross_entropy(logits, data.y).item()
     accuracy = int((logits.argmax(1) == data.y).sum()) / len(data)
@@ -237,6 +260,7 @@ def fit(
     threads=None,
     resume: dict | None = None,
     on_epoch=None,
+    world: World = World(),
 ) -> list[dict]:
     """Train ``model`` for ``p.epochs`` epochs, validating after each; ``manager`` records every epoch.
 
@@ -245,17 +269,23 @@ def fit(
     ``on_epoch``: called with the :func:`run_state` after each finished epoch, e.g. to save it.
     Returns the manager's rows for this run (one per epoch).
     """
-    optimizer, scheduler, generator = training_state(model, p, len(train), train.x.device)
-    done = 0 if resume is None else restore_run_state(resume, model, optimizer, scheduler, generator)
+    net = model.module if world.size > 1 else model  # DDP's wrapped module: what is saved and evaluated
+    optimizer, scheduler, generator = training_state(net, p, len(train), train.x.device)
+    done = 0 if resume is None else restore_run_state(resume, net, optimizer, scheduler, generator)
     for epoch in range(done + 1, p.epochs + 1):
         if threads is not None:
             threads.rebalance(p, train.x.device.type)
         manager.begin_epoch()
-        train_one_epoch(model, train, optimizer, scheduler, p, generator, manager, progress, epoch=epoch)
-        val_loss, val_acc, _ = evaluate(model, val)
+        train_one_epoch(model, train, optimizer, scheduler, p, generator, manager, progress, epoch=epoch,
+                        world=world)
+        if world.size > 1:  # every process's sums, added up: the epoch's figures are the global batch's
+            loss_sum, correct, samples = world.sum(manager.epoch_loss, manager.epoch_num_correct,
+                                                   manager.epoch_samples)
+            manager.epoch_loss, manager.epoch_num_correct, manager.epoch_samples = loss_sum, int(correct), int(samples)
+        val_loss, val_acc, _ = evaluate(net, val, world=world)
         manager.end_epoch(val_loss, val_acc)
         if on_epoch is not None:
-            on_epoch(run_state(model, optimizer, scheduler, generator, manager, epoch))
+            on_epoch(run_state(net, optimizer, scheduler, generator, manager, epoch))
     return manager.run_rows()
 
 
@@ -280,11 +310,14 @@ def train_run(
     threads=None,
     resume: dict | None = None,
     on_epoch=None,
+    world: World = World(),
 ) -> tuple[nn.Module, dict]:
     """Build ``p.model`` from ``p.seed``, train it with :func:`fit` and close the run in ``manager``.
 
     The one training path for the train stage and every sweep run. ``resume`` and ``on_epoch``:
-    see :func:`fit`. Returns the trained model and its :func:`final_metrics`.
+    see :func:`fit`. ``world``: this process's place among data-parallel processes (the model is
+    then wrapped in DistributedDataParallel, with BatchNorm synchronised on CUDA).
+    Returns the trained model and its :func:`final_metrics`.
     """
     from .models import build_model, cpu_kernel_on  # local: models import nothing from here, but keep the graph flat
 
@@ -292,11 +325,17 @@ def train_run(
     model = model.to(train.x.device, memory_format=torch.channels_last)
     if run is None:
         run = _params_tuple(p)
+    trained = model
+    if world.size > 1:
+        if train.x.device.type == "cuda":  # on the CPU BatchNorm stays per process: see README, Scale out
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        trained = nn.parallel.DistributedDataParallel(
+            model, device_ids=[train.x.device.index] if train.x.device.type == "cuda" else None)
     try:
         manager.begin_run(run, model, name=name, example=train.x[:64], log_dir=log_dir, resume=resume)
         start = time.perf_counter()
-        rows = fit(model, train, val, p, manager, progress=progress, threads=threads, resume=resume,
-                   on_epoch=on_epoch)
+        rows = fit(trained, train, val, p, manager, progress=progress, threads=threads, resume=resume,
+                   on_epoch=on_epoch, world=world)
     except BaseException:  # an error or a signal: the log's writer thread must stop before its folder goes
         manager.abort_run()
         raise

@@ -147,6 +147,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_idx):
     x, weight, idx = ctx.saved_tensors
     gx, gw, gb = torch.ops.fmnist.conv_pool_relu_backward(x, weight, grad_out, idx, ctx.needs_input_grad[0])
+    if gw.stride() != weight.stride():  # the weight's own layout (channels-last), as DDP's gradient buckets expect
+        gw = torch.empty_strided(weight.shape, weight.stride(), dtype=gw.dtype, device=gw.device).copy_(gw)
     return gx if ctx.needs_input_grad[0] else None, gw, gb
 
 

@@ -1,0 +1,126 @@
+"""Data-parallel training on ``torch.distributed``: the same train stage as one process or as N.
+
+``processes: N`` in params.yaml makes the train stage start N copies of itself on this machine
+through PyTorch's own launcher (torchrun's, :mod:`torch.distributed.launcher`); ``torchrun``
+started by hand does the same across machines (``--nnodes``, c10d rendezvous). Every process
+trains :class:`~torch.nn.parallel.DistributedDataParallel` replicas on its shard of each global
+batch (gloo on the CPU, NCCL on CUDA with one GPU per process); only rank 0 writes outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from .errors import ParamsError, PipelineError
+
+log = logging.getLogger(__name__)
+
+# A collective that waits longer than this has lost a peer: every process stops instead of hanging.
+TIMEOUT = timedelta(minutes=5)
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the training processes: rank 0 of 1 when not distributed."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes the outputs (checkpoint, metrics, logs, resume state)."""
+        return self.rank == 0
+
+    def shard(self, n: int) -> slice:
+        """This process's part of ``n`` items: contiguous, sizes differing by at most one."""
+        return slice(n * self.rank // self.size, n * (self.rank + 1) // self.size)
+
+    def sum(self, *values: torch.Tensor | float | int) -> list[torch.Tensor]:
+        """The sums of ``values`` over every process (float64 on the device of the first tensor)."""
+        device = next((v.device for v in values if isinstance(v, torch.Tensor)), torch.device("cpu"))
+        t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in values])
+        if self.size > 1:
+            dist.all_reduce(t)
+        return list(t)
+
+
+def under_launcher() -> bool:
+    """Whether torchrun (or the launcher :func:`launch` uses) started this process."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init(processes: int, device: torch.device) -> tuple[World, torch.device]:
+    """Join the process group torchrun set up; (this process's World, its device).
+
+    ``processes`` is params.yaml's: results depend on the process count, so it must be the world
+    size torchrun started (a declared parameter, not state DVC cannot see).
+    """
+    if not under_launcher():
+        if processes != 1:
+            raise PipelineError(f"processes is {processes} but this process was not started by a launcher")
+        return World(), device
+    size, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if size != processes:
+        raise ParamsError(f"params.yaml: processes is {processes} but torchrun started {size} processes: "
+                          f"set processes: {size}")
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
+    return World(rank, size, local_rank), device
+
+
+@contextlib.contextmanager
+def session(world: World) -> Iterator[None]:
+    """Run a process's share of the training; leave the process group at the end.
+
+    A collective that fails (a peer died, the network went away, the timeout passed) becomes one
+    line naming this process, not a traceback from inside gloo or NCCL: the launcher then stops
+    the others and names the first process that failed.
+    """
+    try:
+        yield
+    except RuntimeError as e:  # DistBackendError and gloo's transport errors are RuntimeErrors
+        if world.size == 1:
+            raise
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PipelineError(f"training process {world.rank} of {world.size}: {reason}") from None
+    finally:
+        if world.size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def launch(processes: int) -> None:
+    """Run this script again as ``processes`` processes on this machine (torchrun's launcher, standalone).
+
+    Their output goes to this terminal; a process that fails stops the others, and this one then
+    raises a one-line :class:`PipelineError` naming it.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id="fmnist", rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2,
+    )
+    for name in ("torch.distributed.elastic", "torch.distributed.launcher"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)  # its failure report is a page long: ours is a line
+    try:
+        elastic_launch(config, sys.executable)(*sys.argv)
+    except ChildFailedError as e:
+        # the first to fail, not one the launcher then stopped with SIGTERM
+        rank, failure = min(e.failures.items(), key=lambda f: (f[1].exitcode == -15, f[1].timestamp, f[0]))
+        how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit status {failure.exitcode}"
+        raise PipelineError(f"training process {rank} of {processes} failed ({how}); the others were stopped"
+                            " (its own message, if any, is above)") from None

@@ -1,0 +1,138 @@
+"""Data-parallel training: N processes on torch.distributed (gloo here) against one process."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from fmnist.data import transform
+from fmnist.distributed import World
+from fmnist.params import DataParams
+
+from .conftest import ROOT
+
+OUTPUTS = ("--model", "{out}/model.pt", "--metrics", "{out}/train.json", "--history", "{out}/history.csv",
+           "--env", "{out}/env.json", "--logdir", "{out}/runs/train", "--state", "{out}/state.pt")
+
+
+@pytest.fixture(scope="module")
+def small(raw_full, tmp_path_factory) -> Path:
+    """2,000 training images of the real data: 20 steps of 100 per epoch."""
+    out = tmp_path_factory.mktemp("ddp") / "processed"
+    transform(raw_full, out, DataParams(train_size=2000, val_size=500))
+    return out
+
+
+def params_file(folder: Path, **values) -> Path:
+    path = folder / f"params-{len(list(folder.glob('params-*')))}.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def command(data: Path, params: Path, out: Path) -> list[str]:
+    return [str(ROOT / "stages" / "train.py"), "--data", str(data), "--params", str(params),
+            *(a.format(out=out) for a in OUTPUTS)]
+
+
+def train(data: Path, params: Path, out: Path, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*(launcher or [sys.executable]), *command(data, params, out)], capture_output=True,
+                          text=True, timeout=300)
+
+
+def weights(out: Path) -> dict:
+    return torch.load(out / "model.pt", weights_only=True)["state_dict"]
+
+
+def test_shards_are_equal_and_cover_the_batch_once():
+    for n, size in ((100, 2), (100, 3), (7, 4), (1, 2)):
+        parts = [range(n)[World(rank, size).shard(n)] for rank in range(size)]
+        assert [i for part in parts for i in part] == list(range(n))
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_two_processes_train_the_weights_of_one(small, tmp_path):
+    one = train(small, params_file(tmp_path, epochs=1, processes=1), tmp_path / "one")
+    two = train(small, params_file(tmp_path, epochs=1, processes=2), tmp_path / "two")
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    # The same global batches, images and flips; only the float sums differ in order (each process
+    # sums its half, then gloo adds the halves): a few units in the last place per step. After this
+    # epoch's 20 steps they measured 1.5e-8 at most (relative 3e-7); over hundreds of steps the
+    # difference grows like any rounding difference in training, so the test stops at 20.
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
+    m1, m2 = (yaml.safe_load((tmp_path / d / "train.json").read_text()) for d in ("one", "two"))
+    assert m2["train_accuracy"] == m1["train_accuracy"] and m2["val_accuracy"] == m1["val_accuracy"]
+    assert m2["val_loss"] == pytest.approx(m1["val_loss"], rel=1e-6)
+    # only rank 0 wrote: one table, one log folder, no state left
+    assert two.stderr.count("   1     1 ") == 1
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
+        "env.json", "history.csv", "model.pt", "runs", "train.json"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_through_c10d_rendezvous_train_as_two_local_processes(small, tmp_path):
+    """Two torchrun "nodes" of one process each on localhost meet through c10d, as two machines would."""
+    params = params_file(tmp_path, epochs=1, processes=2)
+    port = free_port()
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "fmnist-test"]
+    nodes = [subprocess.Popen([*torchrun, *command(small, params, tmp_path / "nodes")], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    logs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], logs
+    local = train(small, params, tmp_path / "local")
+    assert local.returncode == 0, local.stderr
+    a, b = weights(tmp_path / "local"), weights(tmp_path / "nodes")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same two shards, the same sums: the same bits
+
+
+def processes_of(script: str, parent_env_key: str = "RANK") -> dict[int, int]:
+    """{rank: pid} of the running processes of ``script`` started by a launcher."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            if script.encode() not in (proc / "cmdline").read_bytes():
+                continue
+            env = dict(line.split(b"=", 1) for line in (proc / "environ").read_bytes().split(b"\0") if b"=" in line)
+        except (OSError, ValueError):
+            continue
+        if parent_env_key.encode() in env:
+            found[int(env[parent_env_key.encode()])] = int(proc.name)
+    return found
+
+
+def test_a_process_that_dies_stops_the_others_with_one_line_and_no_outputs(small, tmp_path):
+    params = params_file(tmp_path, epochs=30, processes=2)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, *command(small, params, out)], stderr=subprocess.PIPE, text=True)
+    script = str(ROOT / "stages" / "train.py")
+    deadline = time.monotonic() + 120
+    while not (out / "state.pt").exists():  # rank 0 finished an epoch: both are training
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.02)
+    ranks = processes_of(script)
+    assert sorted(ranks) == [0, 1]
+    os.kill(ranks[1], signal.SIGKILL)
+    start = time.monotonic()
+    err = proc.communicate(timeout=120)[1]
+    assert time.monotonic() - start < 60  # no hang in a collective
+    assert proc.returncode == 1
+    assert err.strip().splitlines()[-1] == ("error: training process 1 of 2 failed (signal SIGKILL); the others "
+                                            "were stopped (its own message, if any, is above)")
+    assert "Traceback" not in err
+    assert not (out / "model.pt").exists() and not (out / "train.json").exists()
+    assert not processes_of(script)  # rank 0 is gone too
