@@ -136,3 +136,25 @@ def test_a_process_that_dies_stops_the_others_with_one_line_and_no_outputs(small
     assert "Traceback" not in err
     assert not (out / "model.pt").exists() and not (out / "train.json").exists()
     assert not processes_of(script)  # rank 0 is gone too
+
+
+def test_two_processes_killed_resume_to_the_bits_of_an_uninterrupted_run(small, tmp_path):
+    """kill -9 of the launcher and both processes (a power cut); the rerun continues from rank 0's state."""
+    params = params_file(tmp_path, epochs=8, processes=2)
+    whole = train(small, params, tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr
+    proc = subprocess.Popen([sys.executable, *command(small, params, tmp_path / "cut")], stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "cut" / "state.pt").exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    for pid in [proc.pid, *processes_of(str(params)).values()]:
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    again = train(small, params, tmp_path / "cut")
+    assert again.returncode == 0, again.stderr
+    assert "resumed after epoch" in again.stderr and "resumed after epoch 8" not in again.stderr
+    a, b = weights(tmp_path / "whole"), weights(tmp_path / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for name in ("train.json", "history.csv"):
+        assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
