@@ -93,7 +93,8 @@ SWEEP_OUTPUTS = ("--results", "{out}/sweep.csv", "--best", "{out}/best.json", "-
 
 def test_killed_sweep_redoes_only_unfinished_runs(tmp_path, processed_full):
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"sweep": {"lr": [0.01, 0.02], "epochs": [2]}}, sort_keys=False))
+    params.write_text(yaml.safe_dump({"sweep_workers": 1, "sweep": {"lr": [0.01, 0.02], "epochs": [2]}},
+                                      sort_keys=False))  # one run after another (two workers: test_sweep_parallel)
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     finish(start("sweep", whole, processed_full, params, *SWEEP_OUTPUTS))
 

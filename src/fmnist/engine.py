@@ -169,8 +169,10 @@ def train_one_epoch(
         if scheduler is not None:
             scheduler.step()
         if tracker is not None:
-            local_sum = loss.detach() * (batch / world.size) if world.size > 1 else loss.detach() * len(idx)
-            tracker.track_loss(local_sum / max(len(idx), 1), len(idx))
+            if world.size == 1:
+                tracker.track_loss(loss, len(idx))
+            else:  # this process's sum of per-image losses, as a mean over its shard
+                tracker.track_loss(loss.detach() * (batch / world.size) / max(len(idx), 1), len(idx))
             tracker.track_num_correct(logits, labels)
     finite = torch.isfinite(torch.stack(losses))
     if not bool(finite.all()):

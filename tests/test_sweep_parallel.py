@@ -1,0 +1,157 @@
+"""The sweep's runs side by side in worker processes: the bytes of a sequential sweep, clean failures, resuming."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from fmnist.sweep import threads_per_run, worker_count
+
+from .conftest import ROOT
+from .test_resume import kill_when, same_tree
+
+TIMINGS = ["epoch_duration", "run_duration"]
+
+
+def sweep(out: Path, data: Path, workers: int, grid: dict, wait: bool = True):
+    """The real stage script with every output under ``out``; tagged so that its worker processes can be found."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "params.yaml").write_text(yaml.safe_dump({"sweep_workers": workers, "sweep": grid}, sort_keys=False))
+    cmd = [sys.executable, str(ROOT / "stages" / "sweep.py"), "--data", str(data), "--params", str(out / "params.yaml"),
+           "--results", str(out / "metrics" / "sweep.csv"), "--best", str(out / "metrics" / "best.json"),
+           "--env", str(out / "metrics" / "env.json"), "--logdir", str(out / "runs"), "--state", str(out / "state.pt")]
+    env = {**os.environ, "FMNIST_SWEEP_TEST": str(out)}
+    if wait:
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    log = open(out / "log.txt", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
+    proc.log = out / "log.txt"
+    return proc
+
+
+def workers_alive(tag: Path) -> list[int]:
+    """Pids of the worker processes (multiprocessing's spawn_main) started for the sweep tagged ``tag``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if (f"FMNIST_SWEEP_TEST={tag}\0".encode() in (proc / "environ").read_bytes()
+                    and b"spawn_main" in (proc / "cmdline").read_bytes()
+                    and "State:\tZ" not in (proc / "status").read_text()):
+                pids.append(int(proc.name))
+        except (OSError, ValueError):  # gone meanwhile, not a process, or not ours to read
+            continue
+    return pids
+
+
+@pytest.mark.parametrize("setting, runs, cores, workers, threads", [
+    (0, 4, 2, 2, 1),  # auto: one worker per core
+    (0, 3, 16, 3, 5),  # auto: no more workers than runs; 16 // 3 threads each
+    (0, 1, 2, 1, 2),  # a single run keeps every core
+    (1, 4, 2, 1, 2),  # sequential: every core for each run, as before workers existed
+    (4, 4, 2, 4, 1),  # more workers than cores: asked for, still at least one thread each
+    (8, 3, 16, 3, 5),  # more workers than runs: the extra ones would idle
+])
+def test_workers_and_threads_split_the_cores(setting, runs, cores, workers, threads):
+    assert worker_count(setting, runs, cores) == workers
+    assert threads_per_run(cores, workers) == threads
+
+
+GRID = {"lr": [0.01, 0.02], "epochs": [1, 2]}
+
+
+def test_two_workers_write_the_bytes_of_a_sequential_sweep(tmp_path, processed_small):
+    one = sweep(tmp_path / "one", processed_small, 1, GRID)
+    two = sweep(tmp_path / "two", processed_small, 2, GRID)
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    for out in (one, two):
+        assert "Traceback" not in out.stderr and "leaked" not in out.stderr
+    # sweep.csv, sweep_best.json and every run's TensorBoard events, byte for byte
+    same_tree(tmp_path / "one", tmp_path / "two", skip=("params.yaml", "env.json", "runs.csv", "runs.json"))
+    assert len(list((tmp_path / "two" / "runs").rglob("*tfevents*"))) == 4
+    # the seed's table, in grid order, the same but for its wall-clock columns
+    tables = [pd.read_csv(tmp_path / d / "runs" / "runs.csv").drop(columns=TIMINGS) for d in ("one", "two")]
+    pd.testing.assert_frame_equal(*tables)
+    assert tables[1]["run"].tolist() == [1, 2, 2, 3, 4, 4]
+    # what the runs computed on: the worker count and each run's threads are recorded
+    envs = [yaml.safe_load((tmp_path / d / "metrics" / "env.json").read_text()) for d in ("one", "two")]
+    cores = len(os.sched_getaffinity(0))
+    assert (envs[0]["sweep_workers"], envs[0]["threads"]) == (1, cores)
+    assert (envs[1]["sweep_workers"], envs[1]["threads"]) == (2, max(1, cores // 2))
+    assert {k: v for k, v in envs[0].items() if k not in ("sweep_workers", "threads")} == \
+        {k: v for k, v in envs[1].items() if k not in ("sweep_workers", "threads")}
+    # the live table: each worker's rows, numbered and named by run
+    rows = [line.split() for line in two.stderr.splitlines() if line.endswith("  lr=0.02,epochs=2")]
+    assert [row[:2] for row in rows] == [["4", "1"], ["4", "2"]]
+    assert all(f"sweep run {i}/4: " in two.stderr for i in range(1, 5))
+    assert not [line for line in two.stderr.splitlines() if line.count("epochs=") > 1]  # whole lines, never mixed
+
+
+def test_a_diverged_run_stops_every_worker_with_one_line_and_leaves_no_outputs(tmp_path, processed_small):
+    out = tmp_path / "out"
+    # run 1 would take hundreds of epochs: it is still training when run 2 diverges in its first
+    proc = sweep(out, processed_small, 2, {"lr": [0.01, 1e6], "epochs": [500]})
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: sweep run 2/2 (lr=1000000.0,epochs=500): training diverged: ")
+    assert sum(line.startswith("error:") for line in lines) == 1 and "Traceback" not in proc.stderr
+    assert "leaked" not in proc.stderr  # no resource_tracker warning from the terminated workers
+    assert sorted(p.name for p in out.iterdir()) == ["params.yaml"]  # no metrics, logs, staging folder or state
+    assert workers_alive(out) == []
+    assert "   1   500 " not in proc.stderr  # run 1 was stopped, not waited for
+
+
+def test_a_killed_parallel_sweep_takes_its_workers_along_and_redoes_only_unfinished_runs(tmp_path, processed_small):
+    grid = {"lr": [0.01, 0.02], "epochs": [1, 10]}  # run 1 ends early; run 2 is still training then
+    whole = sweep(tmp_path / "whole", processed_small, 2, grid)
+    assert whole.returncode == 0, whole.stderr
+
+    cut = tmp_path / "cut"
+    proc = sweep(cut, processed_small, 2, grid, wait=False)
+    kill_when(proc, lambda: (cut / "state.pt").exists())  # run 1 finished and recorded
+    deadline = time.monotonic() + 10
+    while workers_alive(cut):  # the workers die with the sweep (PR_SET_PDEATHSIG), not after their runs
+        assert time.monotonic() < deadline, "a worker outlived its killed sweep"
+        time.sleep(0.05)
+    (cut / "params.yaml").unlink()
+    again = sweep(cut, processed_small, 2, grid)
+    assert again.returncode == 0, again.stderr
+    assert "sweep run 1/4: lr=0.01,epochs=1: finished earlier" in again.stderr
+    assert "   1     1 " not in again.stderr  # run 1 was not trained again
+    same_tree(tmp_path / "whole", cut, skip=("runs.csv", "runs.json", "log.txt"))
+    assert not (cut / "state.pt").exists()
+
+
+def test_a_parallel_sweep_continues_the_epoch_state_of_an_interrupted_sequential_one(tmp_path, processed_small):
+    grid = {"lr": [0.01, 0.02], "epochs": [5]}
+    whole = sweep(tmp_path / "whole", processed_small, 1, grid)
+    assert whole.returncode == 0, whole.stderr
+
+    cut = tmp_path / "cut"
+    proc = sweep(cut, processed_small, 1, grid, wait=False)
+    kill_when(proc, lambda: "   2     2 " in proc.log.read_text())  # run 2 is in its epochs
+    (cut / "params.yaml").unlink()
+    again = sweep(cut, processed_small, 2, grid)  # the worker count is not part of the state's fingerprint
+    assert again.returncode == 0, again.stderr
+    assert "finished earlier" in again.stderr and "resumed after epoch" in again.stderr
+    same_tree(tmp_path / "whole", cut, skip=("runs.csv", "runs.json", "log.txt", "env.json", "params.yaml"))
+
+
+def test_sigterm_stops_a_parallel_sweep_and_its_workers_cleanly(tmp_path, processed_small):
+    out = tmp_path / "out"
+    proc = sweep(out, processed_small, 2, {"lr": [0.01, 0.02], "epochs": [500]}, wait=False)
+    deadline = time.monotonic() + 60
+    while "   2     1 " not in proc.log.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.log.read_text()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    assert proc.log.read_text().strip().splitlines()[-1] == "interrupted (SIGTERM)"
+    assert workers_alive(out) == []
+    assert sorted(p.name for p in out.iterdir()) == ["log.txt", "params.yaml"]
