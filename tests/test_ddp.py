@@ -158,3 +158,30 @@ def test_two_processes_killed_resume_to_the_bits_of_an_uninterrupted_run(small, 
     assert all(torch.equal(a[k], b[k]) for k in a)
     for name in ("train.json", "history.csv"):
         assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+
+
+def test_fastnet_batchnorm_on_the_cpu_keeps_rank_0s_statistics(small, tmp_path):
+    """On the CPU (gloo) BatchNorm is not synchronised: the saved running mean is rank 0's shard's, not the batch's."""
+    from fmnist.data import load_processed
+    from fmnist.engine import to_device
+    from fmnist.models import build_model
+
+    params = params_file(tmp_path, model="fastnet", epochs=1, batch_size=2000, processes=2, lr=0.01)
+    two = train(small, params, tmp_path / "two")
+    assert two.returncode == 0, two.stderr
+    saved = weights(tmp_path / "two")["features.0.2.running_mean"]
+
+    data = load_processed(small)
+    x = to_device(data.train, data.mean, data.std, torch.device("cpu")).x
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))  # the run's one batch, seed 0
+
+    def running_mean_after_one_batch(images):
+        model = build_model("fastnet", 16, seed=0).to(memory_format=torch.channels_last).train()
+        with torch.no_grad():
+            model(images)
+        return model.features[0][2].running_mean
+
+    shard0 = running_mean_after_one_batch(x[order[:1000]])
+    whole = running_mean_after_one_batch(x[order])
+    torch.testing.assert_close(saved, shard0, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(saved, whole, rtol=1e-3, atol=1e-4)
