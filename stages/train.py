@@ -50,10 +50,11 @@ def train_and_write(args: argparse.Namespace, p, device, world: distributed.Worl
 
     state = resume.SavedState(args.state, resume.fingerprint(params.training_values(p), args.data, __file__))
     saved = state.load() if world.main else None
+    resume_from = saved and saved["run"]
     if world.size > 1:  # the state rank 0 found, for every process
-        shared = [saved and saved["run"]]
+        shared = [resume_from]
         torch.distributed.broadcast_object_list(shared, src=0)
-        saved = shared[0] and {"run": shared[0]}
+        resume_from = shared[0]
 
     def after_epoch(run_state: dict) -> None:
         write_history(args.history, run_state["rows"])  # dvc plots show the run in progress
@@ -66,7 +67,7 @@ def train_and_write(args: argparse.Namespace, p, device, world: distributed.Worl
     with runtime.ThreadShare() as threads, (atomic_dir(args.logdir) if world.main else nullcontext()) as staging:
         model, metrics = train_run(p, train, val, manager, name=Path(args.logdir).name, log_dir=staging,
                                    progress=sys.stderr.isatty() and world.main, threads=threads,
-                                   resume=saved and saved["run"], on_epoch=after_epoch if world.main else None,
+                                   resume=resume_from, on_epoch=after_epoch if world.main else None,
                                    world=world)
     if not world.main:
         return

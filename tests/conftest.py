@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,28 @@ def write_raw(folder: Path, n_train: int = 120, n_test: int = 30, seed: int = 0,
         raw = replace.get(name.replace("-", "_").replace(".", "_"))
         (folder / name).write_bytes(raw if raw is not None else gzip.compress(payload))
     return folder
+
+
+@dataclass(frozen=True)
+class Process:
+    pid: int
+    cwd: Path
+    env: dict[str, str]
+
+
+def running(needle: str) -> list[Process]:
+    """The processes of this user whose command line contains ``needle`` (read from /proc)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or needle.encode() not in (proc / "cmdline").read_bytes():
+                continue
+            environ = (proc / "environ").read_bytes().decode(errors="replace").split("\0")
+            env = dict(item.split("=", 1) for item in environ if "=" in item)
+            found.append(Process(int(proc.name), Path(os.readlink(proc / "cwd")), env))
+        except OSError:  # gone meanwhile, or not ours
+            continue
+    return found
 
 
 def in_ci() -> bool:

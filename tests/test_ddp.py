@@ -16,7 +16,7 @@ from fmnist.data import transform
 from fmnist.distributed import World
 from fmnist.params import DataParams
 
-from .conftest import ROOT
+from .conftest import ROOT, running
 
 OUTPUTS = ("--model", "{out}/model.pt", "--metrics", "{out}/train.json", "--history", "{out}/history.csv",
            "--env", "{out}/env.json", "--logdir", "{out}/runs/train", "--state", "{out}/state.pt")
@@ -100,19 +100,9 @@ def test_two_nodes_through_c10d_rendezvous_train_as_two_local_processes(small, t
     assert all(torch.equal(a[k], b[k]) for k in a)  # the same two shards, the same sums: the same bits
 
 
-def processes_of(script: str, parent_env_key: str = "RANK") -> dict[int, int]:
-    """{rank: pid} of the running processes of ``script`` started by a launcher."""
-    found = {}
-    for proc in Path("/proc").iterdir():
-        try:
-            if script.encode() not in (proc / "cmdline").read_bytes():
-                continue
-            env = dict(line.split(b"=", 1) for line in (proc / "environ").read_bytes().split(b"\0") if b"=" in line)
-        except (OSError, ValueError):
-            continue
-        if parent_env_key.encode() in env:
-            found[int(env[parent_env_key.encode()])] = int(proc.name)
-    return found
+def ranks(needle: str) -> dict[int, int]:
+    """{rank: pid} of the running training processes a launcher started, whose command line contains ``needle``."""
+    return {int(proc.env["RANK"]): proc.pid for proc in running(needle) if "RANK" in proc.env}
 
 
 def test_a_process_that_dies_stops_the_others_with_one_line_and_no_outputs(small, tmp_path):
@@ -124,9 +114,9 @@ def test_a_process_that_dies_stops_the_others_with_one_line_and_no_outputs(small
     while not (out / "state.pt").exists():  # rank 0 finished an epoch: both are training
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
         time.sleep(0.02)
-    ranks = processes_of(script)
-    assert sorted(ranks) == [0, 1]
-    os.kill(ranks[1], signal.SIGKILL)
+    started = ranks(script)
+    assert sorted(started) == [0, 1]
+    os.kill(started[1], signal.SIGKILL)
     start = time.monotonic()
     err = proc.communicate(timeout=120)[1]
     assert time.monotonic() - start < 60  # no hang in a collective
@@ -135,7 +125,7 @@ def test_a_process_that_dies_stops_the_others_with_one_line_and_no_outputs(small
                                             "were stopped (its own message, if any, is above)")
     assert "Traceback" not in err
     assert not (out / "model.pt").exists() and not (out / "train.json").exists()
-    assert not processes_of(script)  # rank 0 is gone too
+    assert not ranks(script)  # rank 0 is gone too
 
 
 def test_two_processes_killed_resume_to_the_bits_of_an_uninterrupted_run(small, tmp_path):
@@ -148,7 +138,7 @@ def test_two_processes_killed_resume_to_the_bits_of_an_uninterrupted_run(small, 
     while not (tmp_path / "cut" / "state.pt").exists():
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.01)
-    for pid in [proc.pid, *processes_of(str(params)).values()]:
+    for pid in [proc.pid, *ranks(str(params)).values()]:
         os.kill(pid, signal.SIGKILL)
     proc.wait()
     again = train(small, params, tmp_path / "cut")

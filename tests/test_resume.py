@@ -16,7 +16,7 @@ import yaml
 
 from fmnist import resume
 
-from .conftest import ROOT
+from .conftest import ROOT, running
 from .test_dvc_e2e import ENV, SMALL, repo_copy, set_params, sh
 
 POLL = 0.02  # seconds between looks at a running stage
@@ -151,19 +151,6 @@ def test_snapshot_restores_a_folder_and_refuses_names_outside_it(tmp_path):
     assert not (tmp_path / "escape").exists()
 
 
-def processes_running(script: str, cwd: Path) -> list[int]:
-    """Pids of the processes whose command line names ``script`` and that run in ``cwd``."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-            if any(script.encode() in arg for arg in cmdline) and Path(os.readlink(proc / "cwd")) == cwd:
-                pids.append(int(proc.name))
-        except (OSError, ValueError):  # gone meanwhile, or not a process
-            continue
-    return pids
-
-
 @pytest.mark.e2e
 def test_dvc_repro_after_kill_resumes(mirror, tmp_path):
     """Under DVC: the train stage killed mid-run; the next ``dvc repro`` continues it and records the same outputs."""
@@ -178,7 +165,7 @@ def test_dvc_repro_after_kill_resumes(mirror, tmp_path):
     while not state.exists():
         assert proc.poll() is None and time.monotonic() < deadline, "train ended before it could be interrupted"
         time.sleep(POLL)
-    trainers = processes_running("stages/train.py", cwd=repo)
+    trainers = [proc.pid for proc in running("stages/train.py") if proc.cwd == repo]
     assert trainers
     for pid in trainers:
         os.kill(pid, signal.SIGKILL)

@@ -150,7 +150,8 @@ def train_one_epoch(
         batch = len(idx)  # the global batch: the last one may be short
         flip = torch.rand(batch, generator=generator, device=device) < 0.5 if p.flip else None  # mirror half
         if world.size > 1:
-            idx, flip = idx[world.shard(batch)], None if flip is None else flip[world.shard(batch)]
+            part = world.shard(batch)
+            idx, flip = idx[part], None if flip is None else flip[part]
         # index_select: 4-5x faster than x[idx] for a batch of 100 on the CPU (measured)
         images, labels = data.x.index_select(0, idx), data.y.index_select(0, idx)
         if flip is not None:
