@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,3 +105,22 @@ def processed_small(tmp_path_factory) -> Path:
     write_raw(base / "raw", n_train=700, n_test=200)
     transform(base / "raw", base / "processed", DataParams(val_size=100))
     return base / "processed"
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    repo: Path                          # a git copy of this repository after `dvc repro` on small data, committed
+    repro: subprocess.CompletedProcess  # that `dvc repro`
+
+
+@pytest.fixture(scope="session")
+def pipeline(mirror, tmp_path_factory) -> Pipeline:
+    """The small-data pipeline reproduced once for every end-to-end module; each works on its own copy
+    (``tests.e2e.repo_clone``) and never changes this one."""
+    from .e2e import repo_copy, sh  # they import ROOT from here
+
+    repo = repo_copy(tmp_path_factory.mktemp("pipeline") / "repo", mirror)
+    proc = sh(repo, "dvc", "repro")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "baseline")
+    return Pipeline(repo, proc)

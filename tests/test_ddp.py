@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -57,24 +58,38 @@ def test_shards_are_equal_and_cover_the_batch_once():
         assert max(map(len, parts)) - min(map(len, parts)) <= 1
 
 
-def test_two_processes_train_the_weights_of_one(small, tmp_path):
+class TwoProcesses(NamedTuple):
+    params: Path  # 1 epoch, 2 processes
+    out: Path     # what they wrote
+    stderr: str
+
+
+@pytest.fixture(scope="module")
+def two(small, tmp_path_factory) -> TwoProcesses:
+    """One epoch trained by 2 local processes, for the tests that compare other ways of training with it."""
+    folder = tmp_path_factory.mktemp("two")
+    params = params_file(folder, epochs=1, processes=2)
+    proc = train(small, params, folder / "out")
+    assert proc.returncode == 0, proc.stderr
+    return TwoProcesses(params, folder / "out", proc.stderr)
+
+
+def test_two_processes_train_the_weights_of_one(small, two, tmp_path):
     one = train(small, params_file(tmp_path, epochs=1, processes=1), tmp_path / "one")
-    two = train(small, params_file(tmp_path, epochs=1, processes=2), tmp_path / "two")
     assert one.returncode == 0, one.stderr
-    assert two.returncode == 0, two.stderr
-    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    a, b = weights(tmp_path / "one"), weights(two.out)
     # The same global batches, images and flips; only the float sums differ in order (each process
     # sums its half, then gloo adds the halves): a few units in the last place per step. After this
     # epoch's 20 steps they measured 1.5e-8 at most (relative 3e-7); over hundreds of steps the
     # difference grows like any rounding difference in training, so the test stops at 20.
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
-    m1, m2 = (yaml.safe_load((tmp_path / d / "train.json").read_text()) for d in ("one", "two"))
+    m1, m2 = (yaml.safe_load((d / "train.json").read_text()) for d in (tmp_path / "one", two.out))
     assert m2["train_accuracy"] == m1["train_accuracy"] and m2["val_accuracy"] == m1["val_accuracy"]
     assert m2["val_loss"] == pytest.approx(m1["val_loss"], rel=1e-6)
     # only rank 0 wrote: one table, one log folder, no state left
     assert two.stderr.count("   1     1 ") == 1
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
+    assert sorted(p.name for p in two.out.iterdir()) == [
         "env.json", "history.csv", "model.pt", "runs", "train.json"]
 
 
@@ -84,9 +99,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_nodes_through_c10d_rendezvous_train_as_two_local_processes(small, tmp_path):
+def test_two_nodes_through_c10d_rendezvous_train_as_two_local_processes(small, two, tmp_path):
     """Two torchrun "nodes" of one process each on localhost meet through c10d, as two machines would."""
-    params = params_file(tmp_path, epochs=1, processes=2)
+    params = two.params
     port = free_port()
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                 "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "fmnist-test"]
@@ -94,9 +109,7 @@ def test_two_nodes_through_c10d_rendezvous_train_as_two_local_processes(small, t
                               stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     logs = [node.communicate(timeout=300)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], logs
-    local = train(small, params, tmp_path / "local")
-    assert local.returncode == 0, local.stderr
-    a, b = weights(tmp_path / "local"), weights(tmp_path / "nodes")
+    a, b = weights(two.out), weights(tmp_path / "nodes")  # against 2 local processes
     assert all(torch.equal(a[k], b[k]) for k in a)  # the same two shards, the same sums: the same bits
 
 

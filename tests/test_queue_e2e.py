@@ -1,12 +1,15 @@
-"""End-to-end: `dvc queue start -j 2` runs queued experiments side by side, with the bits of a run made directly."""
+"""End-to-end: a grid queued with `dvc exp run --queue -S lr=a,b` runs side by side under `dvc queue start -j 2`,
+is listed by `dvc exp show`, and each experiment has the bits of a run made directly."""
 
+import io
 import json
 import shutil
 import time
 
+import pandas as pd
 import pytest
 
-from .test_dvc_e2e import repo_copy, sh
+from .e2e import repo_clone, sh
 
 pytestmark = pytest.mark.e2e
 
@@ -37,13 +40,9 @@ def queued_metrics(repo) -> dict[float, dict]:
     return found
 
 
-def test_queue_with_two_workers_gives_each_experiment_the_bits_of_a_direct_run(mirror, tmp_path):
-    repo = repo_copy(tmp_path / "repo", mirror)  # FMNIST_MIRROR goes into the environment the queue workers inherit
-    sh(repo, "dvc", "repro")
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", "baseline")
-    for lr in LRS:
-        sh(repo, "dvc", "exp", "run", "--queue", "-S", f"lr={lr}")
+def test_a_queued_grid_runs_on_two_workers_is_listed_and_has_the_bits_of_direct_runs(pipeline, tmp_path):
+    repo = repo_clone(pipeline.repo, tmp_path / "repo")  # the queue workers inherit FMNIST_MIRROR from sh's environment
+    sh(repo, "dvc", "exp", "run", "--queue", "-S", f"lr={','.join(map(str, LRS))}")  # DVC's grid syntax
     try:
         sh(repo, "dvc", "queue", "start", "-j", "2")
         status = wait_for_queue(repo)
@@ -53,6 +52,9 @@ def test_queue_with_two_workers_gives_each_experiment_the_bits_of_a_direct_run(m
     queued = queued_metrics(repo)
     assert set(queued) == set(LRS)
     assert all(0 < queued[lr]["metrics/eval.json"]["test_accuracy"] <= 1 for lr in LRS)
+    show = pd.read_csv(io.StringIO(sh(repo, "dvc", "exp", "show", "--csv").stdout))
+    listed = show[show["typ"].str.startswith("branch")]  # the experiments, not the baseline commit
+    assert sorted(listed["lr"]) == sorted(LRS) and listed["test_accuracy"].notna().all()
 
     # the same experiments in the workspace, one at a time; without the run-cache, which the
     # queued runs filled, DVC would restore their outputs instead of training

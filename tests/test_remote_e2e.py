@@ -1,6 +1,6 @@
 """End-to-end: a team shares results through DVC remote storage, with the real dvc and git commands.
 
-Clone A reproduces the pipeline once on small data and pushes to a local folder remote and a bare git
+Clone A, a copy of the small-data pipeline reproduced once for the session (conftest `pipeline`), pushes to a local folder remote and a bare git
 `origin`; every test then clones `origin` into a fresh folder and pulls what it needs, so a test needs
 no other test to have run. A test that runs an experiment in A puts A back as it was afterwards.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .test_dvc_e2e import ENV, repo_copy, sh
+from .e2e import ENV, repo_clone, sh
 
 pytestmark = pytest.mark.e2e
 
@@ -36,13 +36,10 @@ class Team:
 
 
 @pytest.fixture(scope="module")
-def team(mirror, tmp_path_factory) -> Team:
+def team(pipeline, tmp_path_factory) -> Team:
     """Clone A after `dvc repro`, with its results committed, pushed to `storage` and to `origin`."""
     base = tmp_path_factory.mktemp("remote")
-    a = repo_copy(base / "a", mirror)
-    sh(a, "dvc", "repro")  # the only full pipeline run of this module
-    sh(a, "git", "add", "-A")
-    sh(a, "git", "commit", "-qm", "baseline")
+    a = repo_clone(pipeline.repo, base / "a")
     storage = base / "storage"
     sh(a, "dvc", "remote", "add", "-d", "storage", str(storage))
     sh(a, "git", "add", ".dvc/config")

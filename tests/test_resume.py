@@ -17,7 +17,7 @@ import yaml
 from fmnist import resume
 
 from .conftest import ROOT, running
-from .test_dvc_e2e import ENV, SMALL, repo_copy, set_params, sh
+from .e2e import ENV, SMALL, repo_copy, set_params, sh
 
 POLL = 0.02  # seconds between looks at a running stage
 
