@@ -44,6 +44,7 @@ test: $(BIN)/dvc
 bench: $(BIN)/dvc
 	python bench/bench.py
 	python bench/load.py
+	python bench/latency.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -35,7 +35,7 @@ def main() -> None:
 
     with runtime.ThreadShare() as threads:
         threads.rebalance(p, device.type)
-        logits = predict(model, test.x, tta=p.tta)
+        logits = predict(model, test.x, tta=p.tta, precision=p.precision)
     preds = logits.argmax(1)
     cm = confusion_matrix(preds, test.y)
     accuracy = cm.diagonal().sum().item() / cm.sum().item()  # exact: a fraction of two counts

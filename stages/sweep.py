@@ -1,7 +1,7 @@
 """DVC stage `sweep`: train every combination in params.yaml's `sweep:` grid with the train stage's code.
 
-Keys the grid does not list take their built-in defaults; device, cpu_kernel and numerics come
-from the top level. The runs are trained side by side in `sweep_workers` processes (0 = one per
+Keys the grid does not list take their built-in defaults; device, cpu_kernel, numerics and precision
+come from the top level. The runs are trained side by side in `sweep_workers` processes (0 = one per
 core; see fmnist.sweep). Writes one row per run and epoch (metrics/sweep.csv, without timings, so
 that git sees only results), the best run by validation accuracy (metrics/sweep_best.json), and a
 TensorBoard folder per run under runs/sweep/ beside the seed's full RunManager table, durations

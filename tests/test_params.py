@@ -209,6 +209,7 @@ EDGES = {  # field -> (values accepted, values refused); every field of both dat
         "device": (["auto", "cpu", "cuda"], ["gpu", "CPU"]),
         "cpu_kernel": (["fused", "torch"], ["c", "Torch"]),
         "numerics": (["portable", "native"], ["fast", "avx2"]),
+        "precision": (["auto", "float32", "bfloat16"], ["bf16", "fp32", "half", None]),
         "processes": ([1, 2, 64], [0, -1, 1.5, True, "2"]),
     },
 }
@@ -243,7 +244,8 @@ def test_each_boundary_is_accepted_and_just_past_it_refused(cls, key):
 
 def test_every_choice_the_dataclass_allows_is_in_the_edge_table():
     choices = {"model": params.MODELS, "optimizer": params.OPTIMIZERS, "schedule": params.SCHEDULES,
-               "device": params.DEVICES, "cpu_kernel": params.CPU_KERNELS, "numerics": params.NUMERICS}
+               "device": params.DEVICES, "cpu_kernel": params.CPU_KERNELS, "numerics": params.NUMERICS,
+               "precision": params.PRECISIONS}
     for key, allowed in choices.items():
         assert set(EDGES[params.TrainParams][key][0]) == set(allowed), key
 

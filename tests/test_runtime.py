@@ -64,15 +64,17 @@ TRAIN_AND_HASH = """
     make_deterministic()
     data = load_processed({data!r})
     train, val = (to_device(s, data.mean, data.std, torch.device("cpu")) for s in (data.train, data.val))
-    p = params.train_params({{}}, epochs=2, batch_size=100, numerics={numerics!r}, cpu_kernel={kernel!r}, model={model!r}, width=8)
+    p = params.train_params({{}}, epochs=2, batch_size=100, numerics={numerics!r}, cpu_kernel={kernel!r}, model={model!r}, width=8,
+                           precision={precision!r})
     model, metrics = train_run(p, train, val, RunManager(stream=io.StringIO()))
     assert torch.get_num_threads() == {threads}
     print(hashlib.sha256(b"".join(t.numpy().tobytes() for t in model.state_dict().values())).hexdigest(), metrics)
 """
 
 
-def train_hash(data, threads, numerics="portable", kernel="fused", model="network") -> str:
-    proc = python(TRAIN_AND_HASH.format(data=str(data), threads=threads, numerics=numerics, kernel=kernel, model=model))
+def train_hash(data, threads, numerics="portable", kernel="fused", model="network", precision="auto") -> str:
+    proc = python(TRAIN_AND_HASH.format(data=str(data), threads=threads, numerics=numerics, kernel=kernel, model=model,
+                                        precision=precision))
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
@@ -83,6 +85,26 @@ def test_the_default_training_gives_the_same_bits_with_1_2_and_4_threads(process
     assert runs[1] == runs[2] == runs[4], runs
 
 
+def test_bfloat16_on_the_cpu_reruns_to_the_same_bits_and_differs_from_float32(processed_small):
+    bf16 = [train_hash(processed_small, 2, numerics="native", model="fastnet", precision="bfloat16") for _ in range(2)]
+    fp32 = train_hash(processed_small, 2, numerics="native", model="fastnet", precision="float32")
+    assert bf16[0] == bf16[1]
+    assert bf16[0] != fp32  # autocast did run the convolutions in bfloat16
+    assert fp32 == train_hash(processed_small, 2, numerics="native", model="fastnet")  # auto is float32 on the CPU
+
+
+def test_bfloat16_on_the_cpu_with_portable_numerics_is_a_one_line_error(tmp_path, processed_small):
+    (tmp_path / "params.yaml").write_text("precision: bfloat16\ndevice: cpu\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "stages" / "train.py"), "--data", str(processed_small),
+                           "--params", str(tmp_path / "params.yaml"), "--model", str(tmp_path / "m.pt")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "error: params.yaml: precision bfloat16 on the CPU needs numerics: native (pinned to AVX2, PyTorch has no "
+        "bfloat16 kernels and runs about 20x slower)"]
+    assert not (tmp_path / "m.pt").exists()
+
+
 def test_runs_whose_bits_follow_the_thread_count_are_declared_so():
     p = lambda **kw: __import__("fmnist.params").params.train_params({}, **kw)  # noqa: E731
     assert runtime.thread_independent(p(), "cpu")
@@ -91,6 +113,7 @@ def test_runs_whose_bits_follow_the_thread_count_are_declared_so():
     assert not runtime.thread_independent(p(model="fastnet"), "cpu")
     assert not runtime.thread_independent(p(cpu_kernel="torch"), "cpu")
     assert not runtime.thread_independent(p(numerics="native"), "cpu")
+    assert not runtime.thread_independent(p(precision="bfloat16"), "cpu")  # the linear layers go to oneDNN
 
 
 def hold_share(folder, seconds=30) -> subprocess.Popen:

@@ -7,7 +7,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fmnist.models import Network
-from fmnist.tracking import RunBuilder, RunManager
+from fmnist.tracking import RunBuilder, RunManager, image_grid
 
 
 def test_run_builder_gives_the_cartesian_product_as_named_tuples():
@@ -111,3 +111,11 @@ def test_tensorboard_logs_of_the_same_run_are_the_same_bytes(tmp_path):
         (1, 1.0, pytest.approx(0.9)), (2, 2.0, pytest.approx(0.9))]
     assert "_hparams_/session_start_info" in acc.PluginTagToContent("hparams")
     assert acc.Tags()["graph"] and "images" in acc.Tags()["images"]
+
+
+@pytest.mark.parametrize("n", [64, 13, 8, 2])  # (make_grid returns 1 image unpadded)
+def test_the_image_grid_is_torchvisions_make_grid_pixel_for_pixel(n):
+    from torchvision.utils import make_grid
+
+    images = torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(n))
+    assert torch.equal(image_grid(images, nrow=8), make_grid(images, nrow=8, normalize=True))

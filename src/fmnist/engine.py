@@ -8,9 +8,11 @@ host-device copies.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -41,7 +43,16 @@ def make_deterministic() -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    # torch.use_deterministic_algorithms also sets torch._inductor.config.deterministic, and importing
+    # that config loads torch.compile's whole stack (inductor, dynamo): 1.2 s of every stage's start
+    # (measured), for a compiler no stage runs. So the switch is set directly; the compiler's flag
+    # too if it is loaded already, and again by torch itself if a caller later uses the public API.
+    if hasattr(torch._C, "_set_deterministic_algorithms"):
+        torch._C._set_deterministic_algorithms(True, warn_only=True)
+        if "torch._inductor.config" in sys.modules:
+            sys.modules["torch._inductor.config"].deterministic = True
+    else:  # a PyTorch without the private switch: the public call, at its cost
+        torch.use_deterministic_algorithms(True, warn_only=True)
     # ...which by default also fills every new tensor from torch.empty with NaN, guarding against
     # kernels that read memory they never wrote. None of ours do, and the fills cost 10-15% of a
     # training step of the seed's Network (measured), so they are off.
@@ -65,9 +76,20 @@ def to_device(split: Split, mean: float, std: float, device: torch.device) -> De
     return DeviceSplit(x.contiguous(memory_format=torch.channels_last), split.labels.to(device))
 
 
-def autocast(device: torch.device):
-    """bfloat16 autocast on CUDA (tensor cores, half the activation traffic); a no-op on the CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+def compute_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
+    """The dtype convolutions and matrix products run in for params.yaml's ``precision`` on ``device``.
+
+    ``auto``: bfloat16 on CUDA (tensor cores, half the activation traffic), float32 on the CPU.
+    """
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[precision]
+
+
+def autocast(device: torch.device, precision: str = "auto"):
+    """Autocast to :func:`compute_dtype` (a no-op for float32): weights, BatchNorm and the loss stay float32."""
+    dtype = compute_dtype(device, precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def make_optimizer(model: nn.Module, p: TrainParams) -> torch.optim.Optimizer:
@@ -156,7 +178,7 @@ def train_one_epoch(
         images, labels = data.x.index_select(0, idx), data.y.index_select(0, idx)
         if flip is not None:
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-        with autocast(device):
+        with autocast(device, p.precision):
             logits = model(images)
             if world.size == 1:
                 loss = F.cross_entropy(logits, labels, label_smoothing=p.label_smoothing)
@@ -185,16 +207,19 @@ def train_one_epoch(
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1000, tta: bool = False) -> torch.Tensor:
-    """Logits [N, 10] for images ``x`` [N, 1, 28, 28], batched, gradients off (the seed's get_all_preds).
+def predict(
+    model: nn.Module, x: torch.Tensor, batch_size: int = 1000, tta: bool = False, precision: str = "auto",
+) -> torch.Tensor:
+    """Logits [N, 10] (float32) for images ``x`` [N, 1, 28, 28], batched, gradients off (the seed's get_all_preds).
 
-    With ``tta`` the logits of each image and its mirror image are averaged.
+    With ``tta`` the logits of each image and its mirror image are averaged. ``precision``: see
+    :func:`compute_dtype`.
     """
     model.eval()
     out = []
     for start in range(0, len(x), batch_size):
         batch = x[start : start + batch_size]
-        with autocast(x.device):
+        with autocast(x.device, precision):
             logits = model(batch).float()
             if tta:
                 logits = (logits + model(batch.flip(-1)).float()) / 2
@@ -203,7 +228,7 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1000, tta: bool
 
 
 def evaluate(
-    model: nn.Module, data: DeviceSplit, tta: bool = False, world: World = World(),
+    model: nn.Module, data: DeviceSplit, tta: bool = False, world: World = World(), precision: str = "auto",
 ) -> tuple[float, float, torch.Tensor]:
     """(mean cross-entropy, accuracy in [0, 1], logits) over a whole split.
 
@@ -213,10 +238,10 @@ def evaluate(
     """
     if world.size > 1:
         part = world.shard(len(data))
-        logits, y = predict(model, data.x[part], tta=tta), data.y[part]
+        logits, y = predict(model, data.x[part], tta=tta, precision=precision), data.y[part]
         loss_sum, correct = world.sum(F.cross_entropy(logits, y, reduction="sum"), (logits.argmax(1) == y).sum())
         return float(loss_sum) / len(data), int(correct) / len(data), logits
-    logits = predict(model, data.x, tta=tta)
+    logits = predict(model, data.x, tta=tta, precision=precision)
     loss = F.cross_entropy(logits, data.y).item()
     accuracy = int((logits.argmax(1) == data.y).sum()) / len(data)
     return loss, accuracy, logits
@@ -285,7 +310,7 @@ def fit(
             loss_sum, correct, samples = world.sum(manager.epoch_loss, manager.epoch_num_correct,
                                                    manager.epoch_samples)
             manager.epoch_loss, manager.epoch_num_correct, manager.epoch_samples = loss_sum, int(correct), int(samples)
-        val_loss, val_acc, _ = evaluate(net, val, world=world)
+        val_loss, val_acc, _ = evaluate(net, val, world=world, precision=p.precision)
         manager.end_epoch(val_loss, val_acc)
         if on_epoch is not None:
             on_epoch(run_state(net, optimizer, scheduler, generator, manager, epoch))
@@ -322,7 +347,10 @@ def train_run(
     then wrapped in DistributedDataParallel, with BatchNorm synchronised on CUDA).
     Returns the trained model and its :func:`final_metrics`.
     """
-    from .models import build_model, cpu_kernel_on  # local: models import nothing from here, but keep the graph flat
+    from .models import (  # local: models import nothing from here, but keep the graph flat
+        build_model,
+        cpu_kernel_on,
+    )
 
     model = build_model(p.model, p.width, p.seed, cpu_kernel=cpu_kernel_on(train.x.device, p.cpu_kernel))
     model = model.to(train.x.device, memory_format=torch.channels_last)
@@ -336,6 +364,7 @@ def train_run(
             model, device_ids=[train.x.device.index] if train.x.device.type == "cuda" else None)
     try:
         manager.begin_run(run, model, name=name, example=train.x[:64], log_dir=log_dir, resume=resume)
+        importlib.import_module("torch._dynamo")  # torch.optim loads it at first use (0.6 s): here, untimed
         start = time.perf_counter()
         rows = fit(trained, train, val, p, manager, progress=progress, threads=threads, resume=resume,
                    on_epoch=on_epoch, world=world)

@@ -48,6 +48,7 @@ SCHEDULES = ("onecycle", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 CPU_KERNELS = ("fused", "torch")
 NUMERICS = ("portable", "native")
+PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,10 @@ class TrainParams:
         "portable", str, f"one of {', '.join(NUMERICS)} (CPU instruction set of PyTorch's kernels)",
         lambda v: v in NUMERICS,
     )
+    precision: str = _spec(
+        "auto", str, f"one of {', '.join(PRECISIONS)} (auto: bfloat16 on CUDA, float32 on the CPU)",
+        lambda v: v in PRECISIONS,
+    )
     processes: int = _spec(
         1, int, "a positive integer (training processes, torch.distributed data-parallel)", _positive,
     )
@@ -84,7 +89,7 @@ class TrainParams:
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainParams))
 EVAL_ONLY_KEYS = ("tta",)  # read by evaluate, not by train: changing them must not retrain
 # how a run computes, not what it trains: a sweep takes them from the top level for every run
-RUNTIME_KEYS = ("device", "cpu_kernel", "numerics")
+RUNTIME_KEYS = ("device", "cpu_kernel", "numerics", "precision")
 # a sweep run is one process: its parallelism is sweep_workers, runs side by side
 UNSWEPT_KEYS = EVAL_ONLY_KEYS + RUNTIME_KEYS + ("processes",)
 # top-level keys that are not training hyperparameters
@@ -239,8 +244,9 @@ def training_values(p: TrainParams) -> dict[str, Any]:
 def sweep_runs(raw: Mapping[str, Any], runs: list) -> list[TrainParams]:
     """The training parameters of each sweep run: its grid values over the built-in defaults.
 
-    A sweep is self-contained: only the runtime keys (``device``, ``cpu_kernel``, ``numerics``) come from the top level, so editing a top-level
-    training key (``dvc exp run -S lr=...``) neither changes nor reruns the sweep.
+    A sweep is self-contained: only the runtime keys (``device``, ``cpu_kernel``, ``numerics``, ``precision``)
+    come from the top level, so editing a top-level training key (``dvc exp run -S lr=...``) neither changes
+    nor reruns the sweep.
     """
     base = {k: raw[k] for k in RUNTIME_KEYS if k in raw}
     return [train_params(base, **run._asdict()) for run in runs]

@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import PipelineError
+from .errors import ParamsError, PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def thread_independent(p, device_type: str) -> bool:
     """
     if device_type != "cpu":
         return True
-    return p.model == "network" and p.cpu_kernel == "fused" and p.numerics == "portable"
+    return p.model == "network" and p.cpu_kernel == "fused" and p.numerics == "portable" and p.precision != "bfloat16"
 
 
 def busy_seconds(cpus: set[int]) -> float | None:
@@ -234,6 +234,7 @@ def environment(p, device, cores: int) -> dict:
     import torch
 
     from . import kernels
+    from .engine import compute_dtype
     from .models import cpu_kernel_on
 
     env = {
@@ -246,6 +247,8 @@ def environment(p, device, cores: int) -> dict:
         "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "numerics": p.numerics,
         "numerics_env": {k: os.environ.get(k) for k in PINNED_VARS},
+        "precision": p.precision,
+        "compute_dtype": str(compute_dtype(device, p.precision)).removeprefix("torch."),
         "threads": cores,  # the count a training alone uses; shared ones use fewer where the bits allow
         "thread_independent": thread_independent(p, device.type),
         "cpu_kernel": p.cpu_kernel,
@@ -269,4 +272,13 @@ def configure(p) -> "torch.device":  # noqa: F821
     from .engine import make_deterministic, resolve_device
 
     make_deterministic()
-    return resolve_device(p.device)
+    device = resolve_device(p.device)
+    check_precision(p, device)
+    return device
+
+
+def check_precision(p, device) -> None:
+    """bfloat16 on the CPU needs oneDNN's AVX-512 kernels, which portable numerics forbids: a one-line error."""
+    if p.precision == "bfloat16" and device.type == "cpu" and p.numerics == "portable":
+        raise ParamsError("params.yaml: precision bfloat16 on the CPU needs numerics: native (pinned to AVX2, "
+                            "PyTorch has no bfloat16 kernels and runs about 20x slower)")

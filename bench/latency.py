@@ -1,0 +1,117 @@
+"""Experiment latency: what `dvc exp run -S lr=0.02` costs beyond the training itself, measured in one run.
+
+    python bench/latency.py              # one experiment (about a minute with the default params)
+    python bench/latency.py --rounds 3   # three, with lr 0.02, 0.03, 0.04
+
+In a temporary copy of this repository (its files as they are now, committed there, the
+default params.yaml with a one-run sweep so that the baseline is quick), the baseline
+`dvc repro` runs first; then each round runs `dvc exp run -S lr=...` as a user would and
+compares its wall time with the training time the train stage logs for the same run (15 epochs,
+validation included). The evaluate stage is then run alone, and `import torch` for scale. The
+raw files come from data/raw (run `dvc repro extract` first) or FMNIST_MIRROR: nothing is
+downloaded. ``--json FILE`` also writes the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAINED = re.compile(r"train: \d+ epochs in ([0-9.]+) s")  # fmnist.engine.train_run's log line
+
+
+def copy_repo(dest: Path) -> None:
+    """This repository's tracked and new (not ignored) files, as a fresh git repository at ``dest``."""
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout
+    for rel in filter(None, files.split("\0")):
+        if (ROOT / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, dest / rel)
+    (dest / "dvc.lock").unlink(missing_ok=True)
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    params["sweep"] = {"lr": [0.05], "batch_size": [1000], "epochs": [1]}  # the experiment never runs it
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for cmd in (["init", "-q"], ["add", "-A"], ["-c", "user.name=bench", "-c", "user.email=bench@localhost",
+                                                  "commit", "-qm", "baseline"]):
+        subprocess.run(["git", *cmd], cwd=dest, check=True)
+
+
+def timed(cmd: list[str], cwd: Path, env: dict) -> tuple[float, str]:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return seconds, proc.stdout + proc.stderr
+
+
+def stage_command(repo: Path, stage: str) -> list[str]:
+    return yaml.safe_load((repo / "dvc.yaml").read_text())["stages"][stage]["cmd"].split()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=1, help="experiments, each with a new lr")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+
+    raw = ROOT / "data" / "raw"
+    mirror = str(raw) if (raw / "train-images-idx3-ubyte.gz").is_file() else os.environ.get("FMNIST_MIRROR")
+    if not mirror:
+        sys.exit("no raw data: run `dvc repro extract` first (or set FMNIST_MIRROR to a folder of the four files)")
+    env = {**os.environ, "FMNIST_MIRROR": mirror,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("PYTHONPATH", None)
+
+    rounds = []
+    with tempfile.TemporaryDirectory(prefix="fmnist-latency-") as tmp:
+        repo = Path(tmp) / "repo"
+        copy_repo(repo)
+        print("baseline: dvc repro ...", file=sys.stderr, flush=True)
+        timed(["dvc", "repro"], repo, env)
+        timed(["git", "add", "-A"], repo, env)
+        timed(["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "repro"],
+              repo, env)
+        for k in range(args.rounds):
+            lr = round(0.02 + 0.01 * k, 2)
+            wall, out = timed(["dvc", "exp", "run", "-S", f"lr={lr}"], repo, env)
+            found = TRAINED.search(out)
+            if not found or "Running stage 'evaluate'" not in out:
+                sys.exit(f"dvc exp run -S lr={lr} did not train and evaluate:\n{out}")
+            training = float(found.group(1))
+            evaluate, _ = timed(stage_command(repo, "evaluate"), repo, env)
+            torch_import, _ = timed([sys.executable, "-c", "import torch"], repo, env)
+            rounds.append({"lr": lr, "wall_s": wall, "training_s": training, "overhead_s": wall - training,
+                           "ratio": wall / training, "evaluate_s": evaluate, "import_torch_s": torch_import})
+            print(f"dvc exp run -S lr={lr}: {wall:.1f} s, training {training:.1f} s, the rest {wall - training:.1f} s "
+                  f"(ratio {wall / training:.2f}); evaluate alone {evaluate:.2f} s; import torch {torch_import:.2f} s",
+                  file=sys.stderr, flush=True)
+
+    median = {key: statistics.median(r[key] for r in rounds) for key in rounds[0] if key != "lr"}
+    print(f"\nexperiment latency ({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+          f"medians of {len(rounds)} round(s))")
+    print(f"  dvc exp run -S lr=...   {median['wall_s']:6.1f} s wall")
+    print(f"  training (train stage)  {median['training_s']:6.1f} s")
+    print(f"  everything else         {median['overhead_s']:6.1f} s   (wall / training = {median['ratio']:.2f}x)")
+    print(f"  evaluate stage alone    {median['evaluate_s']:6.2f} s   "
+          f"(import torch alone {median['import_torch_s']:.2f} s)")
+    if args.json:
+        args.json.write_text(json.dumps({"rounds": rounds, "median": median}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
