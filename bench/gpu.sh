@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # On a machine with a CUDA GPU, in under 10 minutes, every GPU check in one go: the CUDA tests,
 # data-parallel training as one process under torchrun (NCCL), the benchmark (the project's path; the
-# seed's DataLoader loop is CPU-bound and is measured on the CPU), then fastnet's 94% setting trained
-# and evaluated on the GPU. Figures go to $OUT (or bench/gpu-results/): tests.log, ddp.log,
-# bench.json, train.log, eval.json.
+# seed's DataLoader loop is CPU-bound and is measured on the CPU), then the speedrun table (every
+# record of bench/speedrun.py, 3 seeds) on the GPU. Figures go to $OUT (or bench/gpu-results/):
+# tests.log, ddp.log, bench.json, speedrun.md, speedrun.json.
 # Needs data/raw (carried, or extracted with FMNIST_MIRROR or internet) and the package importable.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,17 +28,5 @@ python -m torch.distributed.run --standalone --nproc-per-node 1 stages/train.py 
 
 python bench/bench.py --device cuda --json "$out/bench.json" 2>&1 | tee "$out/bench.log"
 
-# params.yaml with fastnet's 94% setting (bench/fastnet94.yaml) on top, on the GPU
-python - "$out/params.yaml" <<'PY'
-import sys, yaml
-p = yaml.safe_load(open("params.yaml"))
-p.update(yaml.safe_load(open("bench/fastnet94.yaml")), device="cuda")
-yaml.safe_dump(p, open(sys.argv[1], "w"), sort_keys=False)
-PY
-timer=(); [ -x /usr/bin/time ] && timer=(/usr/bin/time -v)
-"${timer[@]}" python stages/train.py --params "$out/params.yaml" --model "$out/model.pt" \
-  --metrics "$out/train.json" --history "$out/history.csv" --env "$out/train_env.json" --logdir "$out/runs" \
-  --state "$out/state.pt" 2>&1 | tee "$out/train.log"
-python stages/evaluate.py --params "$out/params.yaml" --model "$out/model.pt" --metrics "$out/eval.json" \
-  --confusion "$out/confusion.csv" --plots "$out" --env "$out/eval_env.json"
-cat "$out/eval.json"
+# the speedrun table on the GPU: every record, 3 seeds each
+python bench/speedrun.py --device cuda --json "$out/speedrun.json" 2>&1 | tee "$out/speedrun.md"

@@ -7,14 +7,13 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
-import pandas as pd
 import torch
 
 from fmnist import cli, distributed, params, resume, runtime
 from fmnist.checkpoint import save_checkpoint
 from fmnist.data import load_processed
 from fmnist.engine import to_device, train_run
-from fmnist.fileio import atomic_dir, atomic_path, write_json
+from fmnist.fileio import atomic_dir, write_csv, write_json
 from fmnist.tracking import RunManager
 
 
@@ -81,9 +80,7 @@ def train_and_write(args: argparse.Namespace, p, device, world: distributed.Worl
 
 def write_history(path: str, rows: list[dict]) -> None:
     """The per-epoch DVC plot data: epoch, train and validation loss and accuracy."""
-    columns = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy"]
-    with atomic_path(path) as tmp:
-        pd.DataFrame.from_records(rows, columns=columns).to_csv(tmp, index=False)
+    write_csv(path, rows, ["epoch", "loss", "accuracy", "val_loss", "val_accuracy"])
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fmnist.errors import OutputError
-from fmnist.fileio import atomic_dir, atomic_path, remove_stale_temps, write_json
+from fmnist.fileio import atomic_dir, atomic_path, remove_stale_temps, write_csv, write_json
 
 from .conftest import ROOT
 
@@ -264,3 +264,19 @@ def test_git_and_dvc_ignore_the_temporaries():
     ignored = {line.split("\t")[-1] for line in proc.stdout.splitlines() if not line.startswith("::")}
     assert ignored == set(paths), proc.stdout + proc.stderr
 
+
+
+def test_write_csv_writes_the_bytes_of_pandas_to_csv(tmp_path):
+    import pandas as pd
+
+    rows = [{"epoch": 1, "loss": 0.1 + 0.2, "accuracy": 1 / 3, "val_loss": None, "val_accuracy": 1e-05, "extra": "x"},
+            {"epoch": 2, "loss": 2.5e-17, "accuracy": 0.9120000004768372, "val_loss": 1.0, "val_accuracy": 123456.789,
+             "extra": "y"}]
+    columns = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy"]
+    write_csv(tmp_path / "ours.csv", rows, columns)
+    pd.DataFrame.from_records(rows, columns=columns).to_csv(tmp_path / "pandas.csv", index=False)
+    assert (tmp_path / "ours.csv").read_bytes() == (tmp_path / "pandas.csv").read_bytes()
+    names = [{"actual": "T-shirt/top", "predicted": "Ankle boot"}]
+    write_csv(tmp_path / "names.csv", names, ["actual", "predicted"])
+    pd.DataFrame(names).to_csv(tmp_path / "names_pandas.csv", index=False)
+    assert (tmp_path / "names.csv").read_bytes() == (tmp_path / "names_pandas.csv").read_bytes()

@@ -48,8 +48,9 @@ def test_evaluate_without_a_checkpoint_is_one_line(tmp_path, processed_small):
     assert proc.stderr.strip() == f"error: {tmp_path / 'none.pt'}: checkpoint not found (run the train stage first)"
 
 
-def test_train_and_evaluate_load_neither_torchvision_nor_matplotlib_and_evaluate_not_torch_compile(tmp_path, processed_small):
-    """Each costs a stage a second or more at its start. (torch.optim loads torch.compile's stack, so train does.)"""
+def test_train_and_evaluate_load_no_library_they_do_not_need(tmp_path, processed_small):
+    """torchvision, matplotlib, pandas, torch.compile's stack: each cost a stage 0.2-1.5 s at its start.
+    (torch.optim loads torch.compile's stack at its first use, so train does load that one.)"""
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"epochs": 1, "batch_size": 100}))
     out = tmp_path / "out"
     common = ["--data", processed_small, "--params", tmp_path / "params.yaml", "--model", out / "m.pt"]
@@ -60,7 +61,10 @@ def test_train_and_evaluate_load_neither_torchvision_nor_matplotlib_and_evaluate
         proc = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / "stages" / f"{stage}.py"),
                                *map(str, common + args)], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
-        imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+        imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()
+                    if line.startswith("import time:")}
         assert "torch" in imported, stage
-        heavy = ("torchvision", "matplotlib") + (("torch._dynamo", "torch._inductor") if stage == "evaluate" else ())
+        heavy = ("torchvision", "matplotlib", "pandas")
+        if stage == "evaluate":
+            heavy += ("torch._dynamo", "torch._inductor")
         assert not {m for m in imported if m.startswith(heavy)}, stage

@@ -9,12 +9,11 @@ from __future__ import annotations
 from functools import cache
 from pathlib import Path
 
-import pandas as pd
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from . import CLASSES
-from .fileio import atomic_path
+from .fileio import atomic_path, write_csv
 
 INK, PAPER = (0, 0, 0), (255, 255, 255)
 # the ends of matplotlib's "Blues" colour map: no count, and the largest count
@@ -33,10 +32,8 @@ def per_class_accuracy(cm: torch.Tensor) -> dict[str, float]:
 
 def write_confusion_csv(path: str | Path, preds: torch.Tensor, labels: torch.Tensor) -> None:
     """One row per test image, ``actual,predicted`` class names: DVC's confusion template reads this."""
-    names = pd.Series(CLASSES)
-    df = pd.DataFrame({"actual": names[labels.cpu().numpy()].values, "predicted": names[preds.cpu().numpy()].values})
-    with atomic_path(path) as tmp:
-        df.to_csv(tmp, index=False)
+    rows = [{"actual": CLASSES[a], "predicted": CLASSES[p]} for a, p in zip(labels.tolist(), preds.tolist())]
+    write_csv(path, rows, ["actual", "predicted"])
 
 
 @cache

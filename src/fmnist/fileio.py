@@ -12,6 +12,7 @@ large) becomes an :class:`~fmnist.errors.OutputError` naming the target, not the
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import logging
 import os
@@ -237,3 +238,15 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def write_csv(path: str | os.PathLike, rows: list[dict], columns: list[str]) -> None:
+    """``rows`` as CSV with a header of ``columns`` (None as an empty field), atomically.
+
+    The bytes pandas' ``to_csv(index=False)`` writes for the same records, without importing pandas
+    (a quarter of a second at every stage's start).
+    """
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)

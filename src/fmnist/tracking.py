@@ -17,7 +17,6 @@ from collections.abc import Mapping, Sequence
 from itertools import product
 from pathlib import Path
 
-import pandas as pd
 import torch
 from torch import nn
 
@@ -286,7 +285,9 @@ class RunManager:
         """The rows of the current run."""
         return [r for r in self.run_data if r["run"] == self.run_count]
 
-    def dataframe(self) -> pd.DataFrame:
+    def dataframe(self) -> "pd.DataFrame":  # noqa: F821
+        import pandas as pd  # here: a stage that only trains need not load it
+
         return pd.DataFrame.from_records(self.run_data)
 
     def save(self, file_name: str | Path) -> None:
