@@ -347,10 +347,7 @@ def train_run(
     then wrapped in DistributedDataParallel, with BatchNorm synchronised on CUDA).
     Returns the trained model and its :func:`final_metrics`.
     """
-    from .models import (  # local: models import nothing from here, but keep the graph flat
-        build_model,
-        cpu_kernel_on,
-    )
+    from .models import build_model, cpu_kernel_on  # local: models import nothing from here; a flat graph
 
     model = build_model(p.model, p.width, p.seed, cpu_kernel=cpu_kernel_on(train.x.device, p.cpu_kernel))
     model = model.to(train.x.device, memory_format=torch.channels_last)
