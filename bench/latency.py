@@ -7,7 +7,9 @@ In a temporary copy of this repository (its files as they are now, committed the
 default params.yaml with a one-run sweep so that the baseline is quick), the baseline
 `dvc repro` runs first; then each round runs `dvc exp run -S lr=...` as a user would and
 compares its wall time with the training time the train stage logs for the same run (15 epochs,
-validation included). The evaluate stage is then run alone, and `import torch` for scale. The
+validation included). The evaluate stage is then run alone, `import torch` for scale, and the
+same experiment again, with nothing left to run: DVC's own work alone. Last, what each library a
+stage might load costs at its start. The
 raw files come from data/raw (run `dvc repro extract` first) or FMNIST_MIRROR: nothing is
 downloaded. ``--json FILE`` also writes the figures.
 """
@@ -59,6 +61,24 @@ def timed(cmd: list[str], cwd: Path, env: dict) -> tuple[float, str]:
     return seconds, proc.stdout + proc.stderr
 
 
+# what a stage may import, and what each costs at its start: a fresh process per import, median of 5
+IMPORTS = {
+    "torch": "import torch",
+    "torch + torch._inductor.config (torch.use_deterministic_algorithms)": "import torch, torch._inductor.config",
+    "torch + torch._dynamo (torch.optim, at its first use)": "import torch, torch._dynamo",
+    "torch + torchvision.utils": "import torch, torchvision.utils",
+    "torch + matplotlib.pyplot": "import torch, matplotlib.pyplot",
+    "dvc": "import dvc.cli, dvc.repo",
+}
+
+
+def import_costs(env: dict, repeats: int = 5) -> dict[str, float]:
+    costs = {}
+    for name, code in IMPORTS.items():
+        costs[name] = statistics.median(timed([sys.executable, "-c", code], ROOT, env)[0] for _ in range(repeats))
+    return costs
+
+
 def stage_command(repo: Path, stage: str) -> list[str]:
     return yaml.safe_load((repo / "dvc.yaml").read_text())["stages"][stage]["cmd"].split()
 
@@ -95,10 +115,16 @@ def main() -> None:
             training = float(found.group(1))
             evaluate, _ = timed(stage_command(repo, "evaluate"), repo, env)
             torch_import, _ = timed([sys.executable, "-c", "import torch"], repo, env)
+            # the same experiment again: every stage is up to date, so this is DVC's own work for an experiment
+            again, out = timed(["dvc", "exp", "run", "-S", f"lr={lr}"], repo, env)
+            if "Running stage" in out:
+                sys.exit(f"dvc exp run -S lr={lr} a second time ran a stage:\n{out}")
             rounds.append({"lr": lr, "wall_s": wall, "training_s": training, "overhead_s": wall - training,
-                           "ratio": wall / training, "evaluate_s": evaluate, "import_torch_s": torch_import})
+                           "ratio": wall / training, "evaluate_s": evaluate, "import_torch_s": torch_import,
+                           "dvc_alone_s": again})
             print(f"dvc exp run -S lr={lr}: {wall:.1f} s, training {training:.1f} s, the rest {wall - training:.1f} s "
-                  f"(ratio {wall / training:.2f}); evaluate alone {evaluate:.2f} s; import torch {torch_import:.2f} s",
+                  f"(ratio {wall / training:.2f}); evaluate alone {evaluate:.2f} s; import torch {torch_import:.2f} s; "
+                  f"the same experiment again, nothing to run, {again:.1f} s",
                   file=sys.stderr, flush=True)
 
     median = {key: statistics.median(r[key] for r in rounds) for key in rounds[0] if key != "lr"}
@@ -109,8 +135,13 @@ def main() -> None:
     print(f"  everything else         {median['overhead_s']:6.1f} s   (wall / training = {median['ratio']:.2f}x)")
     print(f"  evaluate stage alone    {median['evaluate_s']:6.2f} s   "
           f"(import torch alone {median['import_torch_s']:.2f} s)")
+    print(f"  DVC alone               {median['dvc_alone_s']:6.1f} s   (the same experiment again: nothing to run)")
+    costs = import_costs(env)
+    print("\nimports at a stage's start (a fresh process each, median of 5)")
+    for name, seconds in costs.items():
+        print(f"  {name:70s} {seconds:5.2f} s")
     if args.json:
-        args.json.write_text(json.dumps({"rounds": rounds, "median": median}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"rounds": rounds, "median": median, "imports": costs}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

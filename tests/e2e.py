@@ -31,13 +31,20 @@ def set_params(repo: Path, **changes) -> None:
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
-def repo_copy(dest: Path, mirror: Path) -> Path:
-    """A git repository at ``dest`` holding this one's tracked files (no outputs), with small-data parameters."""
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True)
-    for rel in filter(None, files.stdout.split("\0")):
+def worktree_copy(dest: Path) -> Path:
+    """This repository's tracked and unignored files at ``dest``: no data, no model, no DVC cache, no git."""
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout
+    for rel in filter(None, files.split("\0")):
         if (ROOT / rel).is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / rel, dest / rel)
+    return dest
+
+
+def repo_copy(dest: Path, mirror: Path) -> Path:
+    """A git repository at ``dest`` holding this one's tracked files (no outputs), with small-data parameters."""
+    worktree_copy(dest)
     (dest / "dvc.lock").unlink(missing_ok=True)
     set_params(dest, **SMALL, sweep={"lr": [0.01, 0.02], "batch_size": [100], "epochs": [1]})
     ENV["FMNIST_MIRROR"] = str(mirror)

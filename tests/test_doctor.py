@@ -22,7 +22,7 @@ from fmnist.commands import main
 from fmnist.extract import FILES
 from fmnist.models import build_model
 
-from .conftest import ROOT
+from .e2e import worktree_copy
 
 BIN = Path(sys.executable).parent
 FMNIST = BIN / "fmnist"  # the console script pip installed beside this Python
@@ -35,12 +35,7 @@ def copy_repo(dest: Path, git: bool = True) -> Path:
     Where the fused kernel is not built (no C++ compiler), the copy asks for PyTorch's layers, so
     that the kernel's absence, tested on its own below, does not fail every test.
     """
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout
-    for rel in filter(None, files.split("\0")):
-        if (ROOT / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, dest / rel)
+    worktree_copy(dest)
     if git:
         subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     if not kernels.available():

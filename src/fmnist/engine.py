@@ -44,7 +44,7 @@ def make_deterministic() -> None:
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
     # torch.use_deterministic_algorithms also sets torch._inductor.config.deterministic, and importing
-    # that config loads torch.compile's whole stack (inductor, dynamo): 1.2 s of every stage's start
+    # that config loads torch.compile's whole stack (inductor, dynamo): 1.3 s of every stage's start
     # (measured), for a compiler no stage runs. So the switch is set directly; the compiler's flag
     # too if it is loaded already, and again by torch itself if a caller later uses the public API.
     if hasattr(torch._C, "_set_deterministic_algorithms"):
@@ -361,7 +361,7 @@ def train_run(
             model, device_ids=[train.x.device.index] if train.x.device.type == "cuda" else None)
     try:
         manager.begin_run(run, model, name=name, example=train.x[:64], log_dir=log_dir, resume=resume)
-        importlib.import_module("torch._dynamo")  # torch.optim loads it at first use (0.6 s): here, untimed
+        importlib.import_module("torch._dynamo")  # torch.optim loads it at first use (1.3 s): here, untimed
         start = time.perf_counter()
         rows = fit(trained, train, val, p, manager, progress=progress, threads=threads, resume=resume,
                    on_epoch=on_epoch, world=world)

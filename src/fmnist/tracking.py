@@ -87,7 +87,7 @@ def image_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2) -> torch.T
     """Gray images [N, 1, H, W] as one RGB picture [3, rows * (H + p) + p, nrow * (W + p) + p], scaled to [0, 1].
 
     torchvision's ``make_grid(images, nrow, padding, normalize=True)``, pixel for pixel: importing
-    torchvision for it loads torch.compile's stack and cost the train stage 1.3 s (measured).
+    torchvision for it loads torch.compile's stack and costs a process 1.4 s (measured).
     """
     n, _, h, w = images.shape
     low, high = float(images.min()), float(images.max())
