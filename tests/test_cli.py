@@ -76,6 +76,7 @@ import os, signal, sys, time
 from fmnist import cli
 
 sig = signal.Signals[sys.argv[1]]
+signal.signal(sig, signal.SIG_DFL)  # as in a terminal: a test run under nohup would pass SIGHUP ignored
 
 def main():
     try:
