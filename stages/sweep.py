@@ -31,8 +31,9 @@ def main() -> None:
     raw = params.load(args.params)
     runs = RunBuilder.get_runs(params.sweep_grid(raw))
     configs = params.sweep_runs(raw, runs)  # every run checked before the first starts
-    workers = sweep.worker_count(params.sweep_workers(raw), len(runs), runtime.available_cores())
-    threads = sweep.threads_per_run(runtime.available_cores(), workers)
+    cores = runtime.available_cores()
+    workers = sweep.worker_count(params.sweep_workers(raw), len(runs), cores)
+    threads = sweep.threads_per_run(cores, workers)
     device = runtime.configure(configs[0])  # the runtime keys are the top level's, the same for every run
 
     runs_values = {"runs": [params.training_values(p) for p in configs]}  # not the worker count: either resumes

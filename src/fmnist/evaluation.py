@@ -60,15 +60,17 @@ def _upwards(text: str, font) -> Image.Image:
 def save_confusion_png(path: str | Path, cm: torch.Tensor, title: str = "") -> None:
     """The [actual, predicted] counts as a heat map, each cell with its count, classes named on both axes."""
     n, cell, font, small = len(CLASSES), 48, _font(13), _font(11)
-    left = 30 + max(round(font.getlength(c)) for c in CLASSES) + 8  # room for "actual" and the row names
-    top, bottom = 36, 16 + max(round(font.getlength(c)) for c in CLASSES) + 24
+    longest = max(round(font.getlength(c)) for c in CLASSES)  # the row names' width, the column names' height
+    left = 30 + longest + 8  # room for "actual" and the row names
+    top, bottom = 36, 16 + longest + 24
     image = Image.new("RGB", (left + n * cell + 16, top + n * cell + bottom), PAPER)
     draw = ImageDraw.Draw(image)
     draw.text((left + n * cell / 2, top / 2), title, fill=INK, font=_font(15), anchor="mm")
-    largest = max(int(cm.max()), 1)
+    counts = cm.tolist()
+    largest = max(max(map(max, counts)), 1)
     for i in range(n):
         for j in range(n):
-            v = int(cm[i, j])
+            v = counts[i][j]
             x, y = left + j * cell, top + i * cell
             draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=_blue(v / largest))
             draw.text((x + cell / 2, y + cell / 2), str(v), font=small, anchor="mm",

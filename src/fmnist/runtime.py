@@ -281,4 +281,4 @@ def check_precision(p, device) -> None:
     """bfloat16 on the CPU needs oneDNN's AVX-512 kernels, which portable numerics forbids: a one-line error."""
     if p.precision == "bfloat16" and device.type == "cpu" and p.numerics == "portable":
         raise ParamsError("params.yaml: precision bfloat16 on the CPU needs numerics: native (pinned to AVX2, "
-                            "PyTorch has no bfloat16 kernels and runs about 20x slower)")
+                          "PyTorch has no bfloat16 kernels and runs about 20x slower)")

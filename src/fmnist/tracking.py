@@ -36,9 +36,7 @@ def freeze_logs(folder: str | Path) -> None:
     axis then counts epochs), the hparams dates removed, the graph in a fixed order and a fixed
     name. Run times stay in the sweep's runs.csv, which nothing hashes.
     """
-    from tensorboard.backend.event_processing.event_file_loader import (
-        RawEventFileLoader,
-    )
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
     from tensorboard.compat.proto import event_pb2, graph_pb2
     from tensorboard.plugins.hparams import plugin_data_pb2
     from tensorboard.summary.writer.record_writer import RecordWriter
@@ -165,9 +163,7 @@ class RunManager:
 
                 restore(log_dir, resume["logs"])
         if log_dir is not None:
-            from torch.utils.tensorboard import (
-                SummaryWriter,  # heavy import, only when logging
-            )
+            from torch.utils.tensorboard import SummaryWriter  # heavy import, only when logging
 
             self.tb = SummaryWriter(log_dir=str(log_dir))
             if example is not None and resume is None:  # a resumed run's log has them already
