@@ -49,7 +49,6 @@ def command(values: dict) -> str:
 
 def worker(name: str, seed: int, device: str, data: str) -> None:
     """One seed of one record, in this process: prints its figures as one JSON line."""
-    import importlib
     import io
 
     from fmnist import params, runtime
@@ -64,7 +63,6 @@ def worker(name: str, seed: int, device: str, data: str) -> None:
     processed = load_processed(data)
     train, val, test = (to_device(s, processed.mean, processed.std, dev)
                         for s in (processed.train, processed.val, processed.test))
-    importlib.import_module("torch._dynamo")  # torch.optim's first use loads it (1.3 s): before the clock starts
     manager = RunManager(stream=io.StringIO())
     model, metrics = train_run(p, train, val, manager)
     seconds = manager.run_rows()[-1]["run_duration"]  # the epochs, validation included: what the stage logs

@@ -359,9 +359,10 @@ def train_run(
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         trained = nn.parallel.DistributedDataParallel(
             model, device_ids=[train.x.device.index] if train.x.device.type == "cuda" else None)
+    # torch.optim loads torch._dynamo at its first use (1.3 s): here, before the run's clocks start
+    importlib.import_module("torch._dynamo")
     try:
         manager.begin_run(run, model, name=name, example=train.x[:64], log_dir=log_dir, resume=resume)
-        importlib.import_module("torch._dynamo")  # torch.optim loads it at first use (1.3 s): here, untimed
         start = time.perf_counter()
         rows = fit(trained, train, val, p, manager, progress=progress, threads=threads, resume=resume,
                    on_epoch=on_epoch, world=world)
