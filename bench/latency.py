@@ -9,7 +9,12 @@ default params.yaml with a one-run sweep so that the baseline is quick), the bas
 compares its wall time with the training time the train stage logs for the same run (15 epochs,
 validation included). The evaluate stage is then run alone, `import torch` for scale, and the
 same experiment again, with nothing left to run: DVC's own work alone. Last, what each library a
-stage might load costs at its start. The
+stage might load costs at its start.
+
+Where the rest goes: during the experiment every Python process (DVC and the two stages) logs when
+it started and when it exited, through a ``sitecustomize`` module on PYTHONPATH (nothing in the
+repository changes), and the wall time is cut into DVC before, between and after the stages, the
+train stage beyond its training, and the evaluate stage. The
 raw files come from data/raw (run `dvc repro extract` first) or FMNIST_MIRROR: nothing is
 downloaded. ``--json FILE`` also writes the figures.
 """
@@ -33,6 +38,15 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINED = re.compile(r"train: \d+ epochs in ([0-9.]+) s")  # fmnist.engine.train_run's log line
+# imported by every Python process the experiment starts: one line when it starts, one when it exits
+TIMELINE_HOOK = """\
+import atexit, os, sys, time
+def _log(event):
+    with open(os.environ["FMNIST_LATENCY_LOG"], "a") as f:
+        f.write(f"{time.time():.4f} {event} {os.getpid()} {' '.join(sys.argv[:2])}\\n")
+_log("start")
+atexit.register(_log, "exit")
+"""
 
 
 def copy_repo(dest: Path) -> None:
@@ -79,6 +93,26 @@ def import_costs(env: dict, repeats: int = 5) -> dict[str, float]:
     return costs
 
 
+def timeline(log: Path, training: float) -> dict[str, float]:
+    """Seconds of the experiment's wall time by whose they are, from ``TIMELINE_HOOK``'s log."""
+    at, pids = {}, {}
+    for line in log.read_text().splitlines():
+        stamp, event, pid, argv = line.split(" ", 3)
+        who = next((name for name in ("train", "evaluate") if f"stages/{name}.py" in argv), "dvc")
+        if pids.setdefault(who, pid) == pid:  # the first process of each: DVC's own, not a daemon it starts
+            at[who, event] = float(stamp)
+    need = {(w, e) for w in ("dvc", "train", "evaluate") for e in ("start", "exit")}
+    if need - at.keys():
+        sys.exit(f"the timeline lacks {sorted(need - at.keys())}:\n{log.read_text()}")
+    return {
+        "dvc_before_s": at["train", "start"] - at["dvc", "start"],
+        "train_beyond_training_s": at["train", "exit"] - at["train", "start"] - training,
+        "dvc_between_s": at["evaluate", "start"] - at["train", "exit"],
+        "evaluate_s": at["evaluate", "exit"] - at["evaluate", "start"],
+        "dvc_after_s": at["dvc", "exit"] - at["evaluate", "exit"],
+    }
+
+
 def stage_command(repo: Path, stage: str) -> list[str]:
     return yaml.safe_load((repo / "dvc.yaml").read_text())["stages"][stage]["cmd"].split()
 
@@ -101,6 +135,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fmnist-latency-") as tmp:
         repo = Path(tmp) / "repo"
         copy_repo(repo)
+        hook = Path(tmp) / "hook" / "sitecustomize.py"
+        hook.parent.mkdir()
+        hook.write_text(TIMELINE_HOOK)
         print("baseline: dvc repro ...", file=sys.stderr, flush=True)
         timed(["dvc", "repro"], repo, env)
         timed(["git", "add", "-A"], repo, env)
@@ -108,7 +145,9 @@ def main() -> None:
               repo, env)
         for k in range(args.rounds):
             lr = round(0.02 + 0.01 * k, 2)
-            wall, out = timed(["dvc", "exp", "run", "-S", f"lr={lr}"], repo, env)
+            log = Path(tmp) / f"timeline-{k}.log"
+            wall, out = timed(["dvc", "exp", "run", "-S", f"lr={lr}"], repo,
+                              {**env, "PYTHONPATH": str(hook.parent), "FMNIST_LATENCY_LOG": str(log)})
             found = TRAINED.search(out)
             if not found or "Running stage 'evaluate'" not in out:
                 sys.exit(f"dvc exp run -S lr={lr} did not train and evaluate:\n{out}")
@@ -119,9 +158,11 @@ def main() -> None:
             again, out = timed(["dvc", "exp", "run", "-S", f"lr={lr}"], repo, env)
             if "Running stage" in out:
                 sys.exit(f"dvc exp run -S lr={lr} a second time ran a stage:\n{out}")
+            parts = timeline(log, training)
             rounds.append({"lr": lr, "wall_s": wall, "training_s": training, "overhead_s": wall - training,
                            "ratio": wall / training, "evaluate_s": evaluate, "import_torch_s": torch_import,
-                           "dvc_alone_s": again})
+                           "dvc_alone_s": again, **{f"during_{key}": v for key, v in parts.items()},
+                           "during_unaccounted_s": wall - training - sum(parts.values())})
             print(f"dvc exp run -S lr={lr}: {wall:.1f} s, training {training:.1f} s, the rest {wall - training:.1f} s "
                   f"(ratio {wall / training:.2f}); evaluate alone {evaluate:.2f} s; import torch {torch_import:.2f} s; "
                   f"the same experiment again, nothing to run, {again:.1f} s",
@@ -136,6 +177,14 @@ def main() -> None:
     print(f"  evaluate stage alone    {median['evaluate_s']:6.2f} s   "
           f"(import torch alone {median['import_torch_s']:.2f} s)")
     print(f"  DVC alone               {median['dvc_alone_s']:6.1f} s   (the same experiment again: nothing to run)")
+    print("\nwhere everything else goes, during the experiment")
+    for key, label in (("dvc_before_s", "DVC before the train stage (start-up, params, status)"),
+                       ("train_beyond_training_s", "train stage beyond training (imports, data, logs, checkpoint)"),
+                       ("dvc_between_s", "DVC between the stages (train's outputs hashed and cached)"),
+                       ("evaluate_s", "evaluate stage"),
+                       ("dvc_after_s", "DVC after (evaluate's outputs, dvc.lock, the experiment's commit)"),
+                       ("unaccounted_s", "process start-up and exit outside the hooks")):
+        print(f"  {label:68s} {median['during_' + key]:5.2f} s")
     costs = import_costs(env)
     print("\nimports at a stage's start (a fresh process each, median of 5)")
     for name, seconds in costs.items():
