@@ -19,6 +19,17 @@ ROOT = Path(__file__).resolve().parents[1]
 MIRROR = Path(os.environ.get("FMNIST_MIRROR", ROOT.parent / "shared" / "datasets" / "fashion-mnist"))
 
 
+def pytest_configure(config):
+    """This process computes as every stage does by default: portable numerics, pinned before any tensor.
+
+    So what a test runs in-process (``fmnist predict``'s ``main``, say) can pin the numerics a
+    default checkpoint records, as a fresh process would.
+    """
+    from fmnist import runtime
+
+    runtime.pin_numerics("portable")
+
+
 def idx_images(images: np.ndarray, magic: int = 0x803, count: int | None = None) -> bytes:
     n, rows, cols = images.shape
     header = b"".join(int(v).to_bytes(4, "big") for v in (magic, n if count is None else count, rows, cols))

@@ -72,3 +72,15 @@ def test_a_checkpoint_carrying_code_is_refused_without_running_it(tmp_path):
     assert not marker.exists()
     torch.load(tmp_path / "m.pt", weights_only=False)  # the file really does carry code: a plain load runs it
     assert marker.is_dir()
+
+
+def test_the_recorded_training_parameters_come_back_with_defaults_for_keys_an_older_checkpoint_lacks(tmp_path):
+    from fmnist.checkpoint import read_checkpoint, trained_params
+
+    bf16 = params.train_params({}, model="fastnet", width=8, numerics="native", precision="bfloat16")
+    save_checkpoint(tmp_path / "m.pt", trained_like(), bf16, 0.28, 0.35)
+    assert trained_params(read_checkpoint(tmp_path / "m.pt")) == bf16
+    older = {"params": {k: v for k, v in params.training_values(bf16).items() if k not in ("precision", "numerics")}}
+    assert (trained_params(older).precision, trained_params(older).numerics) == ("auto", "portable")
+    with pytest.raises(DataError, match="recorded parameters"):
+        trained_params({"params": {**params.training_values(bf16), "precision": "float8"}})

@@ -405,3 +405,54 @@ def test_without_the_fused_kernel_pytorchs_layers_give_the_same_probabilities(tr
     assert model.cpu_kernel == "torch"
     probs = pr.probabilities(model, info, trained[1][chosen], CPU)
     np.testing.assert_allclose(probs, reference[chosen], rtol=0, atol=1e-5)
+
+
+# trains a tiny fastnet in bfloat16 with native numerics, in a fresh process as the train stage
+# would, saves it and ten 28x28 test pictures, and prints the probabilities the evaluate stage's
+# path gives them: in bfloat16 (with and without TTA) and, for contrast, in float32
+BFLOAT16_RUN = """
+import io, json, sys
+from pathlib import Path
+import numpy as np, torch
+from PIL import Image
+from fmnist import params, runtime
+from fmnist.checkpoint import save_checkpoint
+from fmnist.data import Split, read_idx_pair
+from fmnist.engine import predict, to_device, train_run
+from fmnist.tracking import RunManager
+
+mirror, out = Path(sys.argv[1]), Path(sys.argv[2])
+p = params.train_params({}, model="fastnet", width=4, epochs=1, numerics="native", precision="bfloat16", device="cpu")
+runtime.configure(p)
+train_x, train_y = read_idx_pair(mirror, "train")
+test_x, _ = read_idx_pair(mirror, "test")
+mean, std = float(train_x[:2000].mean() / 255), float(train_x[:2000].std() / 255)
+split = lambda x, y: to_device(Split(torch.from_numpy(x.copy()), torch.from_numpy(y.copy())), mean, std,
+                               torch.device("cpu"))
+model, _ = train_run(p, split(train_x[:2000], train_y[:2000]), split(train_x[2000:2200], train_y[2000:2200]),
+                     RunManager(stream=io.StringIO()))
+save_checkpoint(out / "model.pt", model, p, mean, std)
+for i in range(10):
+    Image.fromarray(test_x[i]).save(out / f"{i}.png")
+x = split(test_x[:10], np.zeros(10, dtype=np.int64)).x
+probs = {f"{precision}{'_tta' if tta else ''}": torch.softmax(predict(model, x, tta=tta, precision=precision),
+                                                               1).tolist()
+         for precision, tta in (("bfloat16", False), ("bfloat16", True), ("float32", False))}
+print(json.dumps(probs))
+"""
+
+
+def test_a_bfloat16_checkpoint_is_predicted_as_the_evaluate_stage_predicts_it(mirror, tmp_path):
+    run = subprocess.run([sys.executable, "-c", BFLOAT16_RUN, str(mirror), str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    expected = {k: np.array(v) for k, v in json.loads(run.stdout.splitlines()[-1]).items()}
+    assert np.abs(expected["bfloat16"] - expected["float32"]).max() > 1e-4  # the precision shows in the figures
+    assert np.abs(expected["bfloat16"] - expected["bfloat16_tta"]).max() > 1e-4  # and so does TTA
+    files = [tmp_path / f"{i}.png" for i in range(10)]
+    for flags, key in (([], "bfloat16"), (["--tta"], "bfloat16_tta")):
+        proc = fmnist("predict", "--json", "--top", "10", "--device", "cpu", "--model", tmp_path / "model.pt",
+                      *flags, *files)
+        assert proc.returncode == 0, proc.stderr
+        got = np.array([probabilities_of(r) for r in json.loads(proc.stdout)])
+        np.testing.assert_allclose(got, expected[key], rtol=0, atol=1e-6)

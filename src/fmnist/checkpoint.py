@@ -7,10 +7,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import DataError
+from .errors import DataError, ParamsError
 from .fileio import atomic_path
 from .models import build_model, cpu_kernel_on
-from .params import TrainParams, training_values
+from .params import TrainParams, train_params, training_values
 
 FORMAT = 1
 
@@ -33,13 +33,11 @@ def save_checkpoint(
         torch.save(payload, f)  # a file object, not a path: the archive's folder name is then fixed
 
 
-def load_checkpoint(
-    path: str | Path, device: torch.device | str = "cpu", cpu_kernel: str = "fused"
-) -> tuple[nn.Module, dict]:
-    """(model on ``device`` in eval mode, the checkpoint's metadata); ``weights_only=True`` runs no pickled code.
+def read_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict:
+    """The checkpoint's contents, weights on ``device``; ``weights_only=True`` runs no pickled code.
 
-    ``cpu_kernel``: how the seed Network's conv layers run on the CPU (params.yaml's ``cpu_kernel``;
-    off the CPU PyTorch's layers run whatever it says).
+    No model is built and no kernel runs, so a caller can still pin the numerics the checkpoint
+    records (:func:`trained_params`) before its first tensor operation.
     """
     path = Path(path)
     try:
@@ -50,10 +48,36 @@ def load_checkpoint(
         raise DataError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise DataError(f"{path}: not a checkpoint written by this project (format {FORMAT})")
+    return payload
+
+
+def trained_params(info: dict) -> TrainParams:
+    """The training parameters a checkpoint (or its metadata) records; keys it predates take their defaults."""
+    try:
+        return train_params(info.get("params", {}))
+    except ParamsError as e:
+        raise DataError(f"checkpoint: its recorded parameters are not valid here ({e})") from None
+
+
+def model_from(payload: dict, path: str | Path, device: torch.device | str = "cpu",
+               cpu_kernel: str = "fused") -> tuple[nn.Module, dict]:
+    """(model on ``device`` in eval mode, metadata) from :func:`read_checkpoint`'s ``payload`` of ``path``."""
     try:
         model = build_model(payload["model"], payload["width"], cpu_kernel=cpu_kernel_on(device, cpu_kernel))
         model.load_state_dict(payload["state_dict"])
     except (KeyError, RuntimeError) as e:
-        raise DataError(f"{path}: checkpoint does not match its model ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+        raise DataError(f"{path}: checkpoint does not match its model ({reason})") from None
     model.to(device).eval()
     return model, {k: v for k, v in payload.items() if k != "state_dict"}
+
+
+def load_checkpoint(
+    path: str | Path, device: torch.device | str = "cpu", cpu_kernel: str = "fused"
+) -> tuple[nn.Module, dict]:
+    """(model on ``device`` in eval mode, the checkpoint's metadata): :func:`read_checkpoint`, then :func:`model_from`.
+
+    ``cpu_kernel``: how the seed Network's conv layers run on the CPU (params.yaml's ``cpu_kernel``;
+    off the CPU PyTorch's layers run whatever it says).
+    """
+    return model_from(read_checkpoint(path, device), path, device, cpu_kernel)

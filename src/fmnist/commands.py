@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="keep the whole picture instead of cropping it to the item first")
     pred.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                       help="where the model runs: auto uses a CUDA GPU when there is one (default)")
+    pred.add_argument("--tta", action="store_true",
+                      help="average over each picture and its mirror image, as the evaluate stage does with tta: true")
     pred.add_argument("--json", action="store_true", help="print a JSON list, one object per picture")
     pred.set_defaults(run=run_predict)
 
@@ -102,7 +104,7 @@ def run_predict(args: argparse.Namespace) -> int:
             except PipelineError as e:  # this picture only: the others are still classified
                 print(f"error: {e}", file=sys.stderr, flush=True)
                 failed += 1
-    results = predict.classify(model, info, pictures, device)
+    results = predict.classify(model, info, pictures, device, tta=args.tta)
     if args.json:
         print(json.dumps([predict.as_record(r, args.top) for r in results], indent=2))
     else:

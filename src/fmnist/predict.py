@@ -17,7 +17,8 @@ background. A picture of any size, colour or format that Pillow reads is prepare
 A picture that is already 28x28 is taken to be in the data set's format and only inverted, if at
 all: a Fashion-MNIST image saved as a PNG gives exactly the probabilities the evaluate stage does.
 The pixels then go through :func:`fmnist.engine.to_device` with the checkpoint's mean and std and
-:func:`fmnist.engine.predict`, the evaluate stage's own path.
+:func:`fmnist.engine.predict`, the evaluate stage's own path, with the numerics and precision the
+checkpoint was trained with (and, on request, the evaluate stage's test-time augmentation).
 """
 
 from __future__ import annotations
@@ -192,30 +193,46 @@ def read_picture(path: str | Path, invert: str = "auto", crop: bool = True) -> P
 def load_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
     """The checkpoint's model in eval mode, and its metadata (``weights_only`` loading: no pickled code runs).
 
-    On the CPU the seed Network runs on the fused kernel when it is built, else on PyTorch's
-    layers: the same function, so a missing compiler costs speed here, not the prediction.
+    The model computes as the evaluate stage computed it: the ``numerics`` the checkpoint was
+    trained with are pinned before the model's first tensor operation, with deterministic
+    algorithms, and :func:`probabilities` uses its ``precision``. On the CPU the seed Network runs on
+    the fused kernel when it is built, else on PyTorch's layers: the same function, so a missing
+    compiler costs speed here, not the prediction.
     """
-    from . import kernels
-    from .checkpoint import load_checkpoint
+    import dataclasses
 
-    return load_checkpoint(path, device, cpu_kernel="fused" if kernels.available() else "torch")
+    from . import kernels, runtime
+    from .checkpoint import model_from, read_checkpoint, trained_params
+
+    payload = read_checkpoint(path, device)
+    runtime.configure(dataclasses.replace(trained_params(payload), device=device.type))
+    return model_from(payload, path, device, cpu_kernel="fused" if kernels.available() else "torch")
 
 
-def probabilities(model: torch.nn.Module, info: dict, pixels: np.ndarray, device: torch.device) -> np.ndarray:
-    """Class probabilities float [N, 10] for pictures uint8 [N, 28, 28], fed as training fed the model."""
+def probabilities(
+    model: torch.nn.Module, info: dict, pixels: np.ndarray, device: torch.device, tta: bool = False,
+) -> np.ndarray:
+    """Class probabilities float [N, 10] for pictures uint8 [N, 28, 28], fed as training fed the model.
+
+    In the checkpoint's ``precision``; with ``tta``, averaged over each picture and its mirror image
+    (the evaluate stage's ``tta: true``).
+    """
+    from .checkpoint import trained_params
     from .data import Split
     from .engine import predict, to_device
 
     norm = info["normalize"]
     split = Split(torch.from_numpy(np.array(pixels, dtype=np.uint8)), torch.zeros(len(pixels), dtype=torch.long))
     x = to_device(split, norm["mean"], norm["std"], device).x
-    return torch.softmax(predict(model, x), dim=1).cpu().numpy()
+    return torch.softmax(predict(model, x, tta=tta, precision=trained_params(info).precision), dim=1).cpu().numpy()
 
 
-def classify(model: torch.nn.Module, info: dict, pictures: Sequence[Picture], device: torch.device) -> list[Prediction]:
+def classify(
+    model: torch.nn.Module, info: dict, pictures: Sequence[Picture], device: torch.device, tta: bool = False,
+) -> list[Prediction]:
     if not pictures:
         return []
-    probs = probabilities(model, info, np.stack([p.pixels for p in pictures]), device)
+    probs = probabilities(model, info, np.stack([p.pixels for p in pictures]), device, tta)
     return [Prediction(p, row) for p, row in zip(pictures, probs, strict=True)]
 
 
