@@ -270,3 +270,21 @@ def test_help_shows_an_example(capsys):
         main(["doctor", "--help"])
     assert info.value.code == 0
     assert "examples:\n  fmnist doctor\n  fmnist doctor --repo" in capsys.readouterr().out
+
+
+def test_bfloat16_on_the_cpu_needs_native_numerics_and_is_flagged_without_native_instructions(
+        repo, capsys, monkeypatch):
+    set_params(repo, device="cpu", precision="bfloat16")
+    status, report = run_doctor(repo, capsys)
+    assert status == 1 and len(lines(report, "FAIL")) == 1
+    assert next_step(report, "params.yaml asks precision: bfloat16") == \
+        "set numerics: native, or precision: auto, in params.yaml"
+    set_params(repo, numerics="native")
+    monkeypatch.setattr(runtime, "cpu_isa", lambda: ["AVX2", "FMA", "AVX512F", "AVX512_BF16"])
+    status, report = run_doctor(repo, capsys)
+    assert status == 0 and "AVX512_BF16 nor AMX" not in report
+    monkeypatch.setattr(runtime, "cpu_isa", lambda: ["AVX2", "FMA", "AVX512F"])
+    status, report = run_doctor(repo, capsys)
+    assert status == 0 and "neither AVX512_BF16 nor AMX" in " ".join(lines(report, "info"))
+    assert next_step(report, "params.yaml asks precision: bfloat16 and") == \
+        "compare with precision: auto (float32 on the CPU)"

@@ -206,7 +206,9 @@ def check_params(repo: Path, torch_ok: bool) -> tuple[list[Check], object | None
 
 
 def check_runtime(p, raw: dict, torch_ok: bool) -> list[Check]:
-    """What params.yaml asks of this machine: a GPU for ``device: cuda``, AVX2 for portable numerics, the kernel."""
+    """What params.yaml asks of this machine: a GPU for ``device: cuda``, AVX2 for portable numerics, the kernel,
+    and for bfloat16 on the CPU native numerics (the stages refuse it otherwise) and, for its speed, AVX512_BF16 or AMX.
+    """
     from . import runtime
 
     checks = []
@@ -223,6 +225,16 @@ def check_runtime(p, raw: dict, torch_ok: bool) -> list[Check]:
         checks.append(Check("device", FAIL, "params.yaml asks device: cuda and no CUDA GPU is available",
                             "set device: auto or cpu in params.yaml"))
     on_cpu = p.device == "cpu" or not torch.cuda.is_available()
+    if on_cpu and p.precision == "bfloat16":
+        if p.numerics == "portable":
+            checks.append(Check("precision", FAIL, "params.yaml asks precision: bfloat16 on the CPU with numerics: "
+                                                   "portable, which has no bfloat16 kernels (the stages refuse it)",
+                                "set numerics: native, or precision: auto, in params.yaml"))
+        elif not {"AVX512_BF16", "AMX"} & set(runtime.cpu_isa()):
+            checks.append(Check("precision", INFO, "params.yaml asks precision: bfloat16 and this CPU has neither "
+                                                   "AVX512_BF16 nor AMX: bfloat16 runs without native instructions, "
+                                                   "so the README's bfloat16 speed-up does not apply",
+                                "compare with precision: auto (float32 on the CPU)"))
     from .params import sweep_grid
 
     models = {p.model, *sweep_grid(raw).get("model", ["network"])}  # a sweep run not given a model trains the Network
