@@ -1,6 +1,7 @@
 """fileio: outputs appear whole or not at all, temporaries name their process, errors name the target."""
 
 import errno
+import io
 import os
 import re
 import resource
@@ -12,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from fmnist.errors import OutputError
+from fmnist.errors import OutputError, Terminated
 from fmnist.fileio import atomic_dir, atomic_path, remove_stale_temps, write_csv, write_json
 
 from .conftest import ROOT
@@ -280,3 +281,29 @@ def test_write_csv_writes_the_bytes_of_pandas_to_csv(tmp_path):
     write_csv(tmp_path / "names.csv", names, ["actual", "predicted"])
     pd.DataFrame(names).to_csv(tmp_path / "names_pandas.csv", index=False)
     assert (tmp_path / "names.csv").read_bytes() == (tmp_path / "names_pandas.csv").read_bytes()
+
+
+class _StoppedWhileWriting(io.RawIOBase):
+    """A file that a stop signal interrupts at its third write, as SIGTERM can interrupt torch.save."""
+
+    def __init__(self, file, stop: BaseException):
+        self.file, self.stop, self.writes = file, stop, 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        self.writes += 1
+        if self.writes == 3:
+            raise self.stop
+        return self.file.write(b)
+
+
+@pytest.mark.parametrize("stop", [Terminated(15), KeyboardInterrupt()], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_inside_torch_save_stops_as_itself_and_leaves_nothing(tmp_path, stop):
+    # torch.save's zip writer fails on the half-written record ("unexpected pos") while the stop
+    # propagates; the stage must still see the stop (exit 143 or 130), not a RuntimeError
+    with pytest.raises(type(stop)):
+        with atomic_path(tmp_path / "state.pt") as tmp, open(tmp, "wb") as f:
+            torch.save({"weights": torch.zeros(1000)}, _StoppedWhileWriting(f, stop))
+    assert list(tmp_path.iterdir()) == []

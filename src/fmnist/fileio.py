@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import OutputError
+from .errors import OutputError, Terminated
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,10 @@ def _as_output_error(e: BaseException, target: Path, temp: Path) -> BaseExceptio
     pass through unchanged, as does anything that is not an OSError: programming errors keep
     their traceback.
     """
+    if isinstance(e, RuntimeError) and isinstance(e.__context__, (KeyboardInterrupt, Terminated)):
+        # a stop signal inside torch.save: its zip writer then fails on the half-written record
+        # ("unexpected pos"), which would hide the stop behind a traceback; the stop is what happened
+        return e.__context__
     if isinstance(e, OutputError):  # from a write nested inside a staging folder
         rel = _inside(e.path, temp)
         return e if rel is None else OutputError(target / rel, e.reason)
