@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import PipelineError
+from .errors import ParamsError, PipelineError
 
 OK, INFO, TODO, FAIL = "ok", "info", "todo", "FAIL"
 FILL_REMOTE = "`dvc remote add -d storage s3://BUCKET/fmnist` (or a shared folder), then `dvc push`; see the README"
@@ -226,15 +226,18 @@ def check_runtime(p, raw: dict, torch_ok: bool) -> list[Check]:
                             "set device: auto or cpu in params.yaml"))
     on_cpu = p.device == "cpu" or not torch.cuda.is_available()
     if on_cpu and p.precision == "bfloat16":
-        if p.numerics == "portable":
+        try:
+            runtime.check_precision(p, torch.device("cpu"))  # the stages' own refusal, asked rather than restated
+        except ParamsError:
             checks.append(Check("precision", FAIL, "params.yaml asks precision: bfloat16 on the CPU with numerics: "
                                                    "portable, which has no bfloat16 kernels (the stages refuse it)",
                                 "set numerics: native, or precision: auto, in params.yaml"))
-        elif not {"AVX512_BF16", "AMX"} & set(runtime.cpu_isa()):
-            checks.append(Check("precision", INFO, "params.yaml asks precision: bfloat16 and this CPU has neither "
-                                                   "AVX512_BF16 nor AMX: bfloat16 runs without native instructions, "
-                                                   "so the README's bfloat16 speed-up does not apply",
-                                "compare with precision: auto (float32 on the CPU)"))
+        else:
+            if not {"AVX512_BF16", "AMX"} & set(runtime.cpu_isa()):
+                checks.append(Check("precision", INFO, "params.yaml asks precision: bfloat16 and this CPU has neither "
+                                                       "AVX512_BF16 nor AMX: bfloat16 runs without native "
+                                                       "instructions, so the README's bfloat16 speed-up does not apply",
+                                    "compare with precision: auto (float32 on the CPU)"))
     from .params import sweep_grid
 
     models = {p.model, *sweep_grid(raw).get("model", ["network"])}  # a sweep run not given a model trains the Network
