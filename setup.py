@@ -1,11 +1,11 @@
 """Builds the fused conv-pool-ReLU operator (src/fmnist/csrc/convpool.cpp) as the extension fmnist._C.
 
 The project's metadata lives in pyproject.toml; this file only declares the extension. It is
-compiled against the torch that will run it, so build without pip's build isolation (which would
-install a second, multi-GB torch just for the build): `make` does, or by hand
+compiled against the torch that will run it, so it is built without build isolation (which would
+install a second, multi-GB torch just for the build): `make` installs everything else from uv.lock
+first, then this package (pyproject.toml's ``no-build-isolation-package``); by hand
 
-    pip install torch==<the pinned version> setuptools wheel
-    pip install --no-build-isolation -e '.[dev]'
+    uv sync --locked --all-extras --no-install-project && uv sync --locked --all-extras
 
 The extension is optional: without a C++ compiler the package installs without it, and
 fmnist.kernels says so (params.yaml's ``cpu_kernel: torch`` then runs PyTorch's layers).
