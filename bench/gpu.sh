@@ -23,8 +23,7 @@ python -m pytest -q tests/test_cuda.py tests/test_predict.py -k "cuda or gpu" 2>
 # DDP as torchrun runs it: one process, NCCL, one epoch on the GPU
 printf 'device: cuda\nprocesses: 1\nepochs: 1\n' > "$out/ddp.yaml"
 python -m torch.distributed.run --standalone --nproc-per-node 1 stages/train.py --params "$out/ddp.yaml" \
-  --model "$out/ddp.pt" --metrics "$out/ddp.json" --history "$out/ddp.csv" --env "$out/ddp_env.json" \
-  --logdir "$out/ddp-runs" --state "$out/ddp-state.pt" 2>&1 | tee "$out/ddp.log" || true
+  --model "$out/ddp.pt" --logdir "$out/ddp-runs" --state "$out/ddp-state.pt" 2>&1 | tee "$out/ddp.log" || true
 
 python bench/bench.py --device cuda --json "$out/bench.json" 2>&1 | tee "$out/bench.log"
 

@@ -69,7 +69,8 @@ def worker(name: str, seed: int, device: str, data: str) -> None:
     _, accuracy, _ = evaluate(model, test, tta=p.tta, precision=p.precision)
     print(json.dumps({"record": name, "preset": values, "seed": seed, "device": str(dev), "seconds": seconds,
                       "test_accuracy": accuracy, "val_accuracy": metrics["val_accuracy"],
-                      "environment": runtime.environment(p, dev, runtime.available_cores())}))
+                      "environment": {**runtime.environment(p, dev, runtime.available_cores()),
+                                      **runtime.machine(dev, runtime.available_cores())}}))
 
 
 def run_seed(name: str, seed: int, device: str, data: str) -> dict:

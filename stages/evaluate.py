@@ -1,4 +1,8 @@
-"""DVC stage `evaluate`: predict the test set with the trained checkpoint; write metrics and plots."""
+"""DVC stage `evaluate`: predict the test set with the trained checkpoint; write metrics and plots.
+
+It also writes what the checkpoint carries from training (final metrics, per-epoch history, what
+decided the bits), so that every figure a commit reports is in git, readable without DVC's cache.
+"""
 
 import argparse
 from pathlib import Path
@@ -6,13 +10,13 @@ from pathlib import Path
 import torch.nn.functional as F
 
 from fmnist import cli, params, runtime
-from fmnist.checkpoint import load_checkpoint
+from fmnist.checkpoint import HISTORY, load_checkpoint
 from fmnist.data import load_processed
 from fmnist.engine import predict, to_device
 from fmnist.evaluation import (
     confusion_matrix, per_class_accuracy, save_confusion_png, save_misclassified_png, write_confusion_csv,
 )
-from fmnist.fileio import write_json
+from fmnist.fileio import write_csv, write_json
 
 
 def main() -> None:
@@ -20,11 +24,14 @@ def main() -> None:
     parser.add_argument("--data", default="data/processed")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--model", default="models/model.pt")
-    parser.add_argument("--metrics", default="metrics/eval.json")
-    parser.add_argument("--confusion", default="metrics/confusion.csv", help="DVC confusion plot data")
-    parser.add_argument("--plots", default="plots", help="folder for confusion.png and misclassified.png")
-    parser.add_argument("--env", default="metrics/eval_env.json", help="what the predictions computed on")
-    args = parser.parse_args()
+    parser.add_argument("--metrics", required=True)
+    parser.add_argument("--confusion", required=True, help="DVC confusion plot data")
+    parser.add_argument("--plots", required=True, help="folder for confusion.png and misclassified.png")
+    parser.add_argument("--env", required=True, help="what the predictions computed on")
+    parser.add_argument("--train-metrics", required=True, help="the training's final metrics")
+    parser.add_argument("--history", required=True, help="the training's per-epoch DVC plot data")
+    parser.add_argument("--train-env", required=True, help="what the training computed on")
+    args = parser.parse_args()  # outputs have no default: dvc.yaml names every path
 
     p = params.train_params(params.load(args.params))
     device = runtime.configure(p)  # numerics pinned before the first tensor exists
@@ -48,6 +55,9 @@ def main() -> None:
     save_confusion_png(Path(args.plots) / "confusion.png", cm, f"{info['model']}: test accuracy {accuracy:.2%}")
     save_misclassified_png(Path(args.plots) / "misclassified.png", data.test.images, test.y, preds)
     write_json(args.env, runtime.environment(p, device, threads.cores))
+    write_json(args.train_metrics, info["metrics"])
+    write_csv(args.history, info["history"], HISTORY)
+    write_json(args.train_env, info["environment"])
 
 
 if __name__ == "__main__":

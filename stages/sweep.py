@@ -3,9 +3,10 @@
 Keys the grid does not list take their built-in defaults; device, cpu_kernel, numerics and precision
 come from the top level. The runs are trained side by side in `sweep_workers` processes (0 = one per
 core; see fmnist.sweep). Writes one row per run and epoch (metrics/sweep.csv, without timings, so
-that git sees only results), the best run by validation accuracy (metrics/sweep_best.json), and a
-TensorBoard folder per run under runs/sweep/ beside the seed's full RunManager table, durations
-included (runs/sweep/runs.csv and .json, which .dvcignore keeps out of dvc.lock).
+that git sees only results), the best run by validation accuracy (metrics/sweep_best.json), what
+decided the bits (metrics/sweep_env.json), and a TensorBoard folder per run under runs/sweep/ beside
+the seed's full RunManager table, durations included, and the machine's record (runs/sweep/runs.csv,
+runs.json and machine.json, which .dvcignore keeps out of dvc.lock).
 """
 
 import argparse
@@ -20,13 +21,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", default="data/processed")
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--results", default="metrics/sweep.csv", help="one row per run and epoch, no timings")
-    parser.add_argument("--best", default="metrics/sweep_best.json")
-    parser.add_argument("--env", default="metrics/sweep_env.json", help="what the runs computed on")
-    parser.add_argument("--logdir", default="runs/sweep", help="TensorBoard root, one folder per run, and runs.csv")
-    parser.add_argument("--state", default=".resume/sweep.pt",
+    parser.add_argument("--results", required=True, help="one row per run and epoch, no timings")
+    parser.add_argument("--best", required=True)
+    parser.add_argument("--env", required=True, help="what the runs computed on")
+    parser.add_argument("--logdir", required=True, help="TensorBoard root, one folder per run, and runs.csv")
+    parser.add_argument("--state", required=True,
                         help="finished runs and the current run's last epoch, to resume from (removed at the end)")
-    args = parser.parse_args()
+    args = parser.parse_args()  # outputs have no default: dvc.yaml names every path
 
     raw = params.load(args.params)
     runs = RunBuilder.get_runs(params.sweep_grid(raw))
@@ -42,10 +43,11 @@ def main() -> None:
         manager = sweep.run_sweep(runs, configs, args.data, staging, state, device, workers, threads,
                                   progress=sys.stderr.isatty())
         manager.save(staging / "runs")
+        write_json(staging / "machine.json", {**runtime.machine(device, threads), "sweep_workers": workers})
     with atomic_path(args.results) as tmp:
         manager.dataframe().drop(columns=list(TIMINGS)).to_csv(tmp, index=False)
     write_json(args.best, max(sweep.finals(runs, manager), key=lambda f: f["val_accuracy"]))
-    write_json(args.env, {**runtime.environment(configs[0], device, threads), "sweep_workers": workers})
+    write_json(args.env, runtime.environment(configs[0], device, threads))
     state.clear()
 
 

@@ -1,4 +1,9 @@
-"""DVC stage `train`: train the model chosen in params.yaml; write the checkpoint, metrics, history, environment and TensorBoard logs."""
+"""DVC stage `train`: train the model chosen in params.yaml; write the checkpoint and TensorBoard logs.
+
+The checkpoint carries the final metrics, the per-epoch history and what decides the bits; the
+evaluate stage writes them out where git keeps them. The machine's own record (CPU, threads) goes
+to machine.json beside the logs, which no hash covers.
+"""
 
 import argparse
 import io
@@ -13,7 +18,7 @@ from fmnist import cli, distributed, params, resume, runtime
 from fmnist.checkpoint import save_checkpoint
 from fmnist.data import load_processed
 from fmnist.engine import to_device, train_run
-from fmnist.fileio import atomic_dir, write_csv, write_json
+from fmnist.fileio import atomic_dir, write_json
 from fmnist.tracking import RunManager
 
 
@@ -21,14 +26,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", default="data/processed")
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--model", default="models/model.pt", help="checkpoint to write")
-    parser.add_argument("--metrics", default="metrics/train.json")
-    parser.add_argument("--history", default="metrics/train_history.csv", help="per-epoch DVC plot data")
-    parser.add_argument("--env", default="metrics/train_env.json", help="what the run computed on")
-    parser.add_argument("--logdir", default="runs/train", help="TensorBoard log folder")
-    parser.add_argument("--state", default=".resume/train.pt",
+    parser.add_argument("--model", required=True, help="checkpoint to write")
+    parser.add_argument("--logdir", required=True, help="TensorBoard log folder")
+    parser.add_argument("--state", required=True,
                         help="the state after each epoch, to resume from if the run is cut short (removed at the end)")
-    args = parser.parse_args()
+    args = parser.parse_args()  # outputs have no default: dvc.yaml names every path
 
     p = params.train_params(params.load(args.params))  # every check before any work
     if p.processes > 1 and not distributed.under_launcher():
@@ -56,7 +58,6 @@ def train_and_write(args: argparse.Namespace, p, device, world: distributed.Worl
         resume_from = shared[0]
 
     def after_epoch(run_state: dict) -> None:
-        write_history(args.history, run_state["rows"])  # dvc plots show the run in progress
         state.save(run=run_state)
 
     manager = RunManager() if world.main else RunManager(stream=io.StringIO())
@@ -68,19 +69,14 @@ def train_and_write(args: argparse.Namespace, p, device, world: distributed.Worl
                                    progress=sys.stderr.isatty() and world.main, threads=threads,
                                    resume=resume_from, on_epoch=after_epoch if world.main else None,
                                    world=world)
+        if world.main:
+            write_json(staging / "machine.json", runtime.machine(device, threads.cores))
     if not world.main:
         return
     env = runtime.environment(p, device, threads.cores)
-    save_checkpoint(args.model, model, p, data.mean, data.std, environment=env)
-    write_json(args.metrics, metrics)
-    write_json(args.env, env)
-    write_history(args.history, manager.run_rows())
+    save_checkpoint(args.model, model, p, data.mean, data.std, environment=env, metrics=metrics,
+                    history=manager.run_rows())
     state.clear()
-
-
-def write_history(path: str, rows: list[dict]) -> None:
-    """The per-epoch DVC plot data: epoch, train and validation loss and accuracy."""
-    write_csv(path, rows, ["epoch", "loss", "accuracy", "val_loss", "val_accuracy"])
 
 
 if __name__ == "__main__":

@@ -28,6 +28,48 @@ def pytest_configure(config):
     from fmnist import runtime
 
     runtime.pin_numerics("portable")
+    if config.rootpath == ROOT:  # this repository's suite, not a pytest that a test starts elsewhere
+        config.stash[CHECKOUT] = checkout_state()
+
+
+# Paths that tests may create or change in the checkout: the venv and Python's and pytest's caches.
+CACHES = (".venv/", ".pytest_cache/")
+CHECKOUT = pytest.StashKey[list]()
+
+
+def checkout_state() -> list[str]:
+    """Every changed, untracked and ignored path of the working tree (``git status``), caches aside, with
+    each file's modification time: the same list after the tests means they created, changed and
+    deleted nothing."""
+    status = subprocess.run(["git", "status", "--porcelain", "--ignored", "--untracked-files=all", "-z"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout
+    paths = [entry[3:] for entry in status.split("\0") if entry[3:]]
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    state = []
+    for path in sorted(set(paths) | set(filter(None, tracked.split("\0")))):
+        if path.startswith(CACHES) or "__pycache__/" in path:
+            continue
+        try:
+            state.append(f"{path} {(ROOT / path).stat().st_mtime_ns}")
+        except FileNotFoundError:
+            state.append(f"{path} (missing)")
+    return state
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run if the tests left the checkout other than they found it (every output belongs in tmp_path)."""
+    before = session.config.stash.get(CHECKOUT, None)
+    if before is None:
+        return
+    after = checkout_state()
+    if before != after:
+        changed = sorted(set(before) ^ set(after))
+        names = sorted({line.rsplit(" ", 1)[0] for line in changed})
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        message = f"the tests created, changed or deleted files of the checkout: {', '.join(names[:20])}"
+        if reporter is not None:
+            reporter.write_line(f"FAILED {message}", red=True, bold=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def idx_images(images: np.ndarray, magic: int = 0x803, count: int | None = None) -> bytes:
@@ -135,3 +177,21 @@ def pipeline(mirror, tmp_path_factory) -> Pipeline:
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "baseline")
     return Pipeline(repo, proc)
+
+
+# Each stage's output arguments, as file names under a test's folder (the stages have no default
+# output paths, so a stage run by a test cannot write into the checkout).
+OUTPUTS = {
+    "train": {"--model": "model.pt", "--logdir": "runs/train", "--state": "state/train.pt"},
+    "evaluate": {"--metrics": "eval.json", "--confusion": "confusion.csv", "--plots": "plots",
+                 "--env": "eval_env.json", "--train-metrics": "train.json", "--history": "history.csv",
+                 "--train-env": "train_env.json"},
+    "sweep": {"--results": "sweep.csv", "--best": "best.json", "--env": "sweep_env.json",
+              "--logdir": "runs/sweep", "--state": "state/sweep.pt"},
+}
+
+
+def outputs(stage: str, out: Path, **names: str) -> list[str]:
+    """``stage``'s output arguments, every path under ``out``; ``names`` renames some (``model="m.pt"``)."""
+    files = {**OUTPUTS[stage], **{f"--{k.replace('_', '-')}": v for k, v in names.items()}}
+    return [str(a) for flag, name in files.items() for a in (flag, out / name)]

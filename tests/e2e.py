@@ -16,9 +16,9 @@ SMALL = {"data": {"val_size": 500, "train_size": 2000, "split_seed": 0}, "epochs
 ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
 
 
-def sh(cwd: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = ENV
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+def sh(cwd: Path, *cmd: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in ``cwd`` with this venv first on PATH (and ``env``'s changes); fail with its output."""
+    proc = subprocess.run(cmd, cwd=cwd, env={**ENV, **(env or {})}, capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc

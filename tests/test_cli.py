@@ -21,7 +21,7 @@ import yaml
 from fmnist import cli
 from fmnist.errors import DataError
 
-from .conftest import ROOT, write_raw
+from .conftest import ROOT, outputs, write_raw
 
 PR_CAPBSET_DROP, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 24, 1, 2  # <linux/prctl.h>, <linux/capability.h>
 
@@ -168,8 +168,7 @@ def train_cmd(tmp_path, data, epochs):
     params = tmp_path / f"params-{epochs}.yaml"
     params.write_text(yaml.safe_dump({"epochs": epochs, "batch_size": 100, "cpu_kernel": "torch"}))
     out = tmp_path / "out"
-    return stage("train", "--data", data, "--params", params, "--model", out / "m.pt", "--metrics",
-                 out / "train.json", "--history", out / "h.csv", "--logdir", out / "runs" / "train")
+    return stage("train", "--data", data, "--params", params, *outputs("train", out, model="m.pt"))
 
 
 class Running:

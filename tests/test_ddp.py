@@ -17,10 +17,7 @@ from fmnist.data import transform
 from fmnist.distributed import World
 from fmnist.params import DataParams
 
-from .conftest import ROOT, running
-
-OUTPUTS = ("--model", "{out}/model.pt", "--metrics", "{out}/train.json", "--history", "{out}/history.csv",
-           "--env", "{out}/env.json", "--logdir", "{out}/runs/train", "--state", "{out}/state.pt")
+from .conftest import ROOT, outputs, running
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +36,7 @@ def params_file(folder: Path, **values) -> Path:
 
 def command(data: Path, params: Path, out: Path) -> list[str]:
     return [str(ROOT / "stages" / "train.py"), "--data", str(data), "--params", str(params),
-            *(a.format(out=out) for a in OUTPUTS)]
+            *outputs("train", out, state="state.pt")]
 
 
 def train(data: Path, params: Path, out: Path, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
@@ -47,8 +44,12 @@ def train(data: Path, params: Path, out: Path, launcher: list[str] | None = None
                           text=True, timeout=300)
 
 
+def checkpoint(out: Path) -> dict:
+    return torch.load(out / "model.pt", weights_only=True)
+
+
 def weights(out: Path) -> dict:
-    return torch.load(out / "model.pt", weights_only=True)["state_dict"]
+    return checkpoint(out)["state_dict"]
 
 
 def test_shards_are_equal_and_cover_the_batch_once():
@@ -84,13 +85,12 @@ def test_two_processes_train_the_weights_of_one(small, two, tmp_path):
     # difference grows like any rounding difference in training, so the test stops at 20.
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
-    m1, m2 = (yaml.safe_load((d / "train.json").read_text()) for d in (tmp_path / "one", two.out))
+    m1, m2 = (checkpoint(d)["metrics"] for d in (tmp_path / "one", two.out))
     assert m2["train_accuracy"] == m1["train_accuracy"] and m2["val_accuracy"] == m1["val_accuracy"]
     assert m2["val_loss"] == pytest.approx(m1["val_loss"], rel=1e-6)
     # only rank 0 wrote: one table, one log folder, no state left
     assert two.stderr.count("   1     1 ") == 1
-    assert sorted(p.name for p in two.out.iterdir()) == [
-        "env.json", "history.csv", "model.pt", "runs", "train.json"]
+    assert sorted(p.name for p in two.out.iterdir()) == ["model.pt", "runs"]
 
 
 def free_port() -> int:
@@ -137,7 +137,7 @@ def test_a_process_that_dies_stops_the_others_with_one_line_and_no_outputs(small
     assert err.strip().splitlines()[-1] == ("error: training process 1 of 2 failed (signal SIGKILL); the others "
                                             "were stopped (its own message, if any, is above)")
     assert "Traceback" not in err
-    assert not (out / "model.pt").exists() and not (out / "train.json").exists()
+    assert not (out / "model.pt").exists() and not (out / "runs" / "train").exists()
     assert not ranks(script)  # rank 0 is gone too
 
 
@@ -157,10 +157,9 @@ def test_two_processes_killed_resume_to_the_bits_of_an_uninterrupted_run(small, 
     again = train(small, params, tmp_path / "cut")
     assert again.returncode == 0, again.stderr
     assert "resumed after epoch" in again.stderr and "resumed after epoch 8" not in again.stderr
-    a, b = weights(tmp_path / "whole"), weights(tmp_path / "cut")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    for name in ("train.json", "history.csv"):
-        assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+    a, b = checkpoint(tmp_path / "whole"), checkpoint(tmp_path / "cut")
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert (b["metrics"], b["history"]) == (a["metrics"], a["history"])
 
 
 def test_fastnet_batchnorm_on_the_cpu_keeps_rank_0s_statistics(small, tmp_path):

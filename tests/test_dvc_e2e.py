@@ -1,5 +1,7 @@
 """End-to-end: the real dvc commands in a temporary git copy of this repository, on small data."""
 
+import csv
+import io
 import json
 import subprocess
 from pathlib import Path
@@ -7,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .e2e import repo_clone, sh
+from .e2e import repo_clone, set_params, sh
 
 pytestmark = pytest.mark.e2e
 
@@ -28,6 +30,7 @@ def test_repro_builds_every_output(repo, reproduced):
     for stage in ("extract", "transform", "train", "evaluate", "sweep"):
         assert f"Running stage '{stage}'" in reproduced.stdout
     for out in ("data/raw", "data/processed", "models/model.pt", "runs/train", "metrics/train.json",
+                "metrics/train_history.csv", "metrics/train_env.json", "metrics/eval_env.json", "metrics/sweep.csv",
                 "metrics/eval.json", "metrics/confusion.csv", "plots/confusion.png", "plots/misclassified.png"):
         assert (repo / out).exists(), out
     metrics = json.loads((repo / "metrics/eval.json").read_text())
@@ -83,3 +86,66 @@ def test_sweep_stage_outputs_are_dvc_metrics_and_plots(repo, reproduced):
     shown = json.loads(sh(repo, "dvc", "metrics", "show", "--json").stdout)
     workspace = next(iter(shown.values()))["data"]  # the workspace's key is "" in DVC 3
     assert workspace["metrics/sweep_best.json"]["data"]["val_accuracy"] == best["val_accuracy"]
+
+
+def git_clone(source: Path, dest: Path) -> Path:
+    """What anyone cloning the repository gets: git's files alone, no DVC cache, no remote."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    sh(dest.parent, "git", "clone", "-q", str(source), str(dest))
+    return dest
+
+
+def no_load_errors(proc: subprocess.CompletedProcess) -> str:
+    assert "failed to load" not in proc.stdout + proc.stderr.lower(), proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_a_clone_shows_every_committed_result_with_no_cache_pull_or_repro(pipeline, tmp_path):
+    a = repo_clone(pipeline.repo, tmp_path / "a")
+    set_params(a, lr=0.02)
+    sh(a, "dvc", "repro")
+    sh(a, "git", "commit", "-qam", "lr 0.02")
+    b = git_clone(a, tmp_path / "b")
+    assert not (b / ".dvc" / "cache").exists() and not (b / "models" / "model.pt").exists()
+
+    shown = json.loads(no_load_errors(sh(b, "dvc", "metrics", "show", "--json")))
+    workspace = next(iter(shown.values()))["data"]
+    for name in ("metrics/train.json", "metrics/eval.json", "metrics/sweep_best.json"):
+        assert workspace[name]["data"] == json.loads((a / name).read_text()), name
+
+    diff = json.loads(no_load_errors(sh(b, "dvc", "metrics", "diff", "HEAD~1", "--json")))
+    old, new = (json.loads(sh(a, "git", "show", f"{rev}:metrics/eval.json").stdout) for rev in ("HEAD~1", "HEAD"))
+    change = diff["metrics/eval.json"]["test_loss"]
+    assert (change["old"], change["new"]) == (old["test_loss"], new["test_loss"]) and old != new
+    assert "train_loss" in diff["metrics/train.json"]
+
+    params = json.loads(sh(b, "dvc", "params", "diff", "HEAD~1", "--json").stdout)
+    assert (params["params.yaml"]["lr"]["old"], params["params.yaml"]["lr"]["new"]) == (0.05, 0.02)
+
+    table = no_load_errors(sh(b, "dvc", "exp", "show", "-n", "2", "--csv"))
+    rows = list(csv.DictReader(io.StringIO(table)))
+    assert [float(r["test_loss"]) for r in rows if r["rev"] != "workspace"] == [new["test_loss"], old["test_loss"]]
+
+    plots = json.loads(no_load_errors(sh(b, "dvc", "plots", "diff", "HEAD~1", "--json")))["data"]
+    for name in ("Loss", "Accuracy", "Confusion", "Sweep"):
+        (plot,) = plots[name]
+        assert {row["rev"] for row in plot["content"]["data"]["values"]} == {"HEAD~1", "workspace"}, name
+    for image in ("plots/confusion.png", "plots/misclassified.png"):
+        assert sorted(rev for shown in plots[image] for rev in shown["revisions"]) == ["HEAD~1", "workspace"]
+        assert all(Path(shown["url"]).stat().st_size > 0 for shown in plots[image])
+
+
+def test_a_clone_reproduces_every_output_elsewhere_on_one_thread_and_git_stays_clean(pipeline, tmp_path):
+    """Another checkout path, user, home, host time zone and locale, one thread instead of every core,
+    and nothing but git to start from: the first `dvc repro` reruns every stage and changes no hash."""
+    b = git_clone(pipeline.repo, tmp_path / "elsewhere" / "b")
+    env = {"OMP_NUM_THREADS": "1", "HOME": str(tmp_path), "USER": "someone", "TZ": "Pacific/Kiritimati",
+           "LANG": "C", "LC_ALL": "C"}
+    repro = sh(b, "dvc", "repro", env=env).stdout
+    for stage in ("extract", "transform", "train", "sweep"):
+        assert f"Running stage '{stage}'" in repro, repro
+    # the checkpoint came out as committed, so evaluate's committed results are up to date
+    assert "Stage 'evaluate' didn't change, skipping" in repro, repro
+    assert sh(b, "git", "status", "--porcelain").stdout == ""
+    sh(b, "dvc", "repro", "--force", "--single-item", "evaluate", env=env)  # and evaluate reproduces them
+    assert sh(b, "git", "status", "--porcelain").stdout == ""

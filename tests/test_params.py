@@ -10,7 +10,7 @@ import yaml
 from fmnist import engine, models, params
 from fmnist.errors import ParamsError
 
-from .conftest import ROOT
+from .conftest import ROOT, outputs
 
 
 def write(tmp_path, text):
@@ -96,8 +96,7 @@ def test_train_stage_rejects_bad_params_before_any_work(tmp_path):
     bad = write(tmp_path, "lr: -1\n")
     proc = subprocess.run(
         [sys.executable, str(ROOT / "stages" / "train.py"), "--params", str(bad), "--data", str(tmp_path / "none"),
-         "--model", str(tmp_path / "m.pt"), "--metrics", str(tmp_path / "t.json"),
-         "--history", str(tmp_path / "h.csv"), "--logdir", str(tmp_path / "runs")],
+         *outputs("train", tmp_path)],
         capture_output=True, text=True,
     )
     assert proc.returncode == 1

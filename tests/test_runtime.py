@@ -9,9 +9,9 @@ import textwrap
 import pytest
 import yaml
 
-from fmnist import runtime
+from fmnist import params, runtime
 
-from .conftest import ROOT
+from .conftest import ROOT, outputs
 
 PY = [sys.executable, "-c"]
 
@@ -96,7 +96,7 @@ def test_bfloat16_on_the_cpu_reruns_to_the_same_bits_and_differs_from_float32(pr
 def test_bfloat16_on_the_cpu_with_portable_numerics_is_a_one_line_error(tmp_path, processed_small):
     (tmp_path / "params.yaml").write_text("precision: bfloat16\ndevice: cpu\n")
     proc = subprocess.run([sys.executable, str(ROOT / "stages" / "train.py"), "--data", str(processed_small),
-                           "--params", str(tmp_path / "params.yaml"), "--model", str(tmp_path / "m.pt")],
+                           "--params", str(tmp_path / "params.yaml"), *outputs("train", tmp_path, model="m.pt")],
                           capture_output=True, text=True)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
@@ -213,27 +213,39 @@ def stage(name, *args, env=None):
 def train_stage(tmp_path, data, params, out="out", env=None):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     o = tmp_path / out
-    proc = stage("train", "--data", data, "--params", tmp_path / "params.yaml", "--model", o / "m.pt",
-                 "--metrics", o / "train.json", "--history", o / "h.csv", "--env", o / "env.json",
-                 "--logdir", o / "runs", env=env)
+    proc = stage("train", "--data", data, "--params", tmp_path / "params.yaml", *outputs("train", o, model="m.pt"),
+                 env=env)
     return proc, o
 
 
-def test_train_records_its_environment_in_the_checkpoint_and_beside_the_metrics(tmp_path, processed_small):
+def test_train_records_what_decides_the_bits_in_the_checkpoint_and_the_machine_beside_the_logs(
+        tmp_path, processed_small):
+    import importlib.metadata
+
     import torch
 
     proc, out = train_stage(tmp_path, processed_small, {"epochs": 1}, env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
-    env = json.loads((out / "env.json").read_text())
+    env = torch.load(out / "m.pt", weights_only=True)["environment"]
     assert env["torch"] == torch.__version__ and env["device"] == "cpu"
+    assert env["packages"] == {name: importlib.metadata.version(name) for name in runtime.OUTPUT_PACKAGES}
     assert env["numerics"] == "portable" and env["aten_cpu_capability"] == "AVX2"
     assert env["numerics_env"] == runtime.NUMERICS_ENV["portable"]
-    assert env["threads"] == 1 and env["thread_independent"] is True
     assert env["cpu_kernel"] == "fused" and env["kernel"].startswith("fused")
-    assert env["cpu"] == runtime.cpu_model() and "AVX2" in env["cpu_isa"]
     assert {"cuda", "cudnn", "python", "platform"} <= set(env)
-    saved = torch.load(out / "m.pt", weights_only=True)
-    assert saved["environment"] == env
+    # the bits do not depend on the thread count or the CPU model, so neither is in the hashed record
+    assert env["thread_independent"] is True and "threads" not in env and "cpu" not in env
+    machine = json.loads((out / "runs" / "train" / "machine.json").read_text())
+    assert machine["threads"] == 1 and machine["cpu"] == runtime.cpu_model() and "AVX2" in machine["cpu_isa"]
+
+
+def test_the_thread_count_is_recorded_where_it_decides_the_bits():
+    import torch
+
+    p = params.train_params({"model": "fastnet"})
+    assert runtime.thread_independent(p, "cpu") is False
+    assert runtime.environment(p, torch.device("cpu"), 3)["threads"] == 3
+    assert "threads" not in runtime.environment(params.train_params({}), torch.device("cpu"), 3)
 
 
 def test_a_loss_that_becomes_nan_stops_training_with_the_epoch_the_batch_and_a_hint(tmp_path, processed_small):
@@ -242,13 +254,16 @@ def test_a_loss_that_becomes_nan_stops_training_with_the_epoch_the_batch_and_a_h
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("error: training diverged: the loss became ") and "at epoch 1, batch " in line
     assert line.endswith("(lr 1000000.0): lower lr in params.yaml")
-    assert not out.exists() or list(out.rglob("*")) == []  # no checkpoint, metric, log or temporary file
+    # no checkpoint, log, resume state or temporary file or folder (the logs' parent folder may remain)
+    assert [p for p in out.rglob("*") if p.is_file() or p.name.endswith(".tmp")] == []
 
 
 def test_accuracies_are_exact_fractions_of_counts(tmp_path, processed_small):
+    import torch
+
     proc, out = train_stage(tmp_path, processed_small, {"epochs": 1})
     assert proc.returncode == 0, proc.stderr
-    metrics = json.loads((out / "train.json").read_text())
+    metrics = torch.load(out / "m.pt", weights_only=True)["metrics"]
     counts = {"train_accuracy": 600, "val_accuracy": 100}  # processed_small's split sizes
     for key, n in counts.items():
         assert metrics[key] == round(metrics[key] * n) / n, (key, metrics[key])

@@ -7,7 +7,7 @@ import sys
 import pytest
 import yaml
 
-from .conftest import ROOT
+from .conftest import ROOT, outputs
 
 SPEEDRUN = ROOT / "bench" / "speedrun.py"
 
@@ -28,11 +28,9 @@ def test_a_records_seed_gives_the_train_and_evaluate_stages_accuracies(tmp_path,
     assert run["seconds"] > 0
 
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({**preset, "seed": 1, "device": "cpu"}))
-    common = ["--data", processed_small, "--params", tmp_path / "params.yaml", "--model", tmp_path / "m.pt"]
-    stage("train", *common, "--metrics", tmp_path / "train.json", "--history", tmp_path / "h.csv",
-          "--env", tmp_path / "env.json", "--logdir", tmp_path / "runs", "--state", tmp_path / "s.pt")
-    stage("evaluate", *common, "--metrics", tmp_path / "eval.json", "--confusion", tmp_path / "c.csv",
-          "--plots", tmp_path / "plots", "--env", tmp_path / "eenv.json")
+    common = ["--data", processed_small, "--params", tmp_path / "params.yaml"]
+    stage("train", *common, *outputs("train", tmp_path))
+    stage("evaluate", *common, "--model", tmp_path / "model.pt", *outputs("evaluate", tmp_path))
     assert run["val_accuracy"] == json.loads((tmp_path / "train.json").read_text())["val_accuracy"]
     assert run["test_accuracy"] == json.loads((tmp_path / "eval.json").read_text())["test_accuracy"]
 

@@ -5,12 +5,13 @@ import subprocess
 import sys
 
 import pandas as pd
+import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fmnist import CLASSES
 
-from .conftest import ROOT
+from .conftest import ROOT, outputs
 
 
 def run(stage, *args):
@@ -21,29 +22,39 @@ def run(stage, *args):
 def test_train_then_evaluate_write_every_output(tmp_path, processed_small):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"epochs": 2, "batch_size": 100, "tta": True}))
     out = tmp_path / "out"
-    proc = run("train", "--data", processed_small, "--params", tmp_path / "params.yaml", "--model", out / "m.pt",
-               "--metrics", out / "train.json", "--history", out / "h.csv", "--logdir", out / "runs" / "train")
+    proc = run("train", "--data", processed_small, "--params", tmp_path / "params.yaml", *outputs("train", out))
     assert proc.returncode == 0, proc.stderr
-    assert set(json.loads((out / "train.json").read_text())) == {"train_loss", "train_accuracy", "val_loss", "val_accuracy"}
-    assert pd.read_csv(out / "h.csv")["epoch"].tolist() == [1, 2]
-    assert [p.name for p in (out / "runs").iterdir()] == ["train"]  # no staging folder left
+    assert sorted(p.name for p in out.iterdir()) == ["model.pt", "runs"]  # the resume state is gone
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["train"]  # no staging folder left
     acc = EventAccumulator(str(out / "runs" / "train")).Reload()
     assert len(acc.Scalars("Loss/val")) == 2
 
-    proc = run("evaluate", "--data", processed_small, "--params", tmp_path / "params.yaml", "--model", out / "m.pt",
-               "--metrics", out / "eval.json", "--confusion", out / "confusion.csv", "--plots", out / "plots")
+    proc = run("evaluate", "--data", processed_small, "--params", tmp_path / "params.yaml",
+               "--model", out / "model.pt", *outputs("evaluate", out))
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((out / "eval.json").read_text())
     assert list(metrics["per_class_accuracy"]) == list(CLASSES)
     assert len(pd.read_csv(out / "confusion.csv")) == 200
     assert sorted(p.name for p in (out / "plots").iterdir()) == ["confusion.png", "misclassified.png"]
+    # what the checkpoint carries from training, written out for git: the final figures are the
+    # history's last row, and the environment is the checkpoint's
+    checkpoint = torch.load(out / "model.pt", weights_only=True)
+    train = json.loads((out / "train.json").read_text())
+    history = pd.read_csv(out / "history.csv")
+    assert history["epoch"].tolist() == [1, 2]
+    assert list(history.columns) == ["epoch", "loss", "accuracy", "val_loss", "val_accuracy"]
+    last = history.iloc[-1]
+    assert train == {"train_loss": last["loss"], "train_accuracy": last["accuracy"],
+                     "val_loss": last["val_loss"], "val_accuracy": last["val_accuracy"]} == checkpoint["metrics"]
+    assert json.loads((out / "train_env.json").read_text()) == checkpoint["environment"]
     assert sorted(p.name for p in out.iterdir()) == [
-        "confusion.csv", "eval.json", "h.csv", "m.pt", "plots", "runs", "train.json"]
+        "confusion.csv", "eval.json", "eval_env.json", "history.csv", "model.pt", "plots", "runs", "train.json",
+        "train_env.json"]
 
 
 def test_evaluate_without_a_checkpoint_is_one_line(tmp_path, processed_small):
     proc = run("evaluate", "--data", processed_small, "--model", tmp_path / "none.pt", "--params", ROOT / "params.yaml",
-               "--metrics", tmp_path / "e.json", "--confusion", tmp_path / "c.csv", "--plots", tmp_path / "p")
+               *outputs("evaluate", tmp_path))
     assert proc.returncode == 1
     assert proc.stderr.strip() == f"error: {tmp_path / 'none.pt'}: checkpoint not found (run the train stage first)"
 
@@ -53,11 +64,9 @@ def test_train_and_evaluate_load_no_library_they_do_not_need(tmp_path, processed
     (torch.optim loads torch.compile's stack at its first use, so train does load that one.)"""
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"epochs": 1, "batch_size": 100}))
     out = tmp_path / "out"
-    common = ["--data", processed_small, "--params", tmp_path / "params.yaml", "--model", out / "m.pt"]
-    for stage, args in (("train", ["--metrics", out / "t.json", "--history", out / "h.csv", "--logdir", out / "runs",
-                                   "--env", out / "te.json", "--state", out / "s.pt"]),
-                        ("evaluate", ["--metrics", out / "e.json", "--confusion", out / "c.csv", "--plots", out / "p",
-                                      "--env", out / "ee.json"])):
+    common = ["--data", processed_small, "--params", tmp_path / "params.yaml"]
+    for stage, args in (("train", outputs("train", out)),
+                        ("evaluate", ["--model", out / "model.pt", *outputs("evaluate", out)])):
         proc = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / "stages" / f"{stage}.py"),
                                *map(str, common + args)], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr

@@ -41,7 +41,7 @@ def run_sweep(tmp_path, processed, sweep, **top_level):
         [sys.executable, str(ROOT / "stages" / "sweep.py"), "--data", str(processed),
          "--params", str(tmp_path / "params.yaml"), "--results", str(tmp_path / "metrics" / "sweep.csv"),
          "--best", str(tmp_path / "metrics" / "sweep_best.json"), "--env", str(tmp_path / "metrics" / "env.json"),
-         "--logdir", str(tmp_path / "runs")],
+         "--logdir", str(tmp_path / "runs"), "--state", str(tmp_path / "state.pt")],
         capture_output=True, text=True,
     )
 

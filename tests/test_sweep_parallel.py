@@ -72,20 +72,19 @@ def test_two_workers_write_the_bytes_of_a_sequential_sweep(tmp_path, processed_s
     assert two.returncode == 0, two.stderr
     for out in (one, two):
         assert "Traceback" not in out.stderr and "leaked" not in out.stderr
-    # sweep.csv, sweep_best.json and every run's TensorBoard events, byte for byte
-    same_tree(tmp_path / "one", tmp_path / "two", skip=("params.yaml", "env.json", "runs.csv", "runs.json"))
+    # sweep.csv, sweep_best.json, the record of what decided the bits and every run's TensorBoard
+    # events, byte for byte
+    same_tree(tmp_path / "one", tmp_path / "two", skip=("params.yaml", "machine.json", "runs.csv", "runs.json"))
     assert len(list((tmp_path / "two" / "runs").rglob("*tfevents*"))) == 4
     # the seed's table, in grid order, the same but for its wall-clock columns
     tables = [pd.read_csv(tmp_path / d / "runs" / "runs.csv").drop(columns=TIMINGS) for d in ("one", "two")]
     pd.testing.assert_frame_equal(*tables)
     assert tables[1]["run"].tolist() == [1, 2, 2, 3, 4, 4]
-    # what the runs computed on: the worker count and each run's threads are recorded
-    envs = [yaml.safe_load((tmp_path / d / "metrics" / "env.json").read_text()) for d in ("one", "two")]
+    # the machine's record beside the logs: the worker count and each run's threads
+    machines = [yaml.safe_load((tmp_path / d / "runs" / "machine.json").read_text()) for d in ("one", "two")]
     cores = len(os.sched_getaffinity(0))
-    assert (envs[0]["sweep_workers"], envs[0]["threads"]) == (1, cores)
-    assert (envs[1]["sweep_workers"], envs[1]["threads"]) == (2, max(1, cores // 2))
-    assert {k: v for k, v in envs[0].items() if k not in ("sweep_workers", "threads")} == \
-        {k: v for k, v in envs[1].items() if k not in ("sweep_workers", "threads")}
+    assert (machines[0]["sweep_workers"], machines[0]["threads"]) == (1, cores)
+    assert (machines[1]["sweep_workers"], machines[1]["threads"]) == (2, max(1, cores // 2))
     # the live table: each worker's rows, numbered and named by run
     rows = [line.split() for line in two.stderr.splitlines() if line.endswith("  lr=0.02,epochs=2")]
     assert [row[:2] for row in rows] == [["4", "1"], ["4", "2"]]
@@ -140,7 +139,7 @@ def test_a_parallel_sweep_continues_the_epoch_state_of_an_interrupted_sequential
     again = sweep(cut, processed_small, 2, grid)  # the worker count is not part of the state's fingerprint
     assert again.returncode == 0, again.stderr
     assert "finished earlier" in again.stderr and "resumed after epoch" in again.stderr
-    same_tree(tmp_path / "whole", cut, skip=("runs.csv", "runs.json", "log.txt", "env.json", "params.yaml"))
+    same_tree(tmp_path / "whole", cut, skip=("runs.csv", "runs.json", "machine.json", "log.txt", "params.yaml"))
 
 
 def test_sigterm_stops_a_parallel_sweep_and_its_workers_cleanly(tmp_path, processed_small):

@@ -12,13 +12,22 @@ from .fileio import atomic_path
 from .models import build_model, cpu_kernel_on
 from .params import TrainParams, train_params, training_values
 
-FORMAT = 1
+FORMAT = 2  # 2: with the training's metrics and history
+
+
+HISTORY = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy")  # the per-epoch columns a checkpoint keeps
 
 
 def save_checkpoint(
-    path: str | Path, model: nn.Module, p: TrainParams, mean: float, std: float, environment: dict | None = None
+    path: str | Path, model: nn.Module, p: TrainParams, mean: float, std: float, environment: dict | None = None,
+    metrics: dict | None = None, history: list[dict] | None = None,
 ) -> None:
-    """Write the weights with what rebuilds and feeds them, and the ``environment`` they were trained in."""
+    """Write the weights with what rebuilds and feeds them, the ``environment`` they were trained in,
+    the run's final ``metrics`` and its per-epoch ``history`` (the :data:`HISTORY` columns of each row).
+
+    The checkpoint is the training's one output besides its logs, so that DVC can restore a whole
+    training from its run-cache; the evaluate stage writes the figures it carries into git.
+    """
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     payload = {
         "format": FORMAT,
@@ -27,6 +36,8 @@ def save_checkpoint(
         "params": training_values(p),
         "normalize": {"mean": mean, "std": std},
         "environment": environment or {},
+        "metrics": metrics or {},
+        "history": [{k: row[k] for k in HISTORY} for row in history or []],
         "state_dict": state,
     }
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
@@ -46,8 +57,11 @@ def read_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dic
         raise DataError(f"{path}: checkpoint not found (run the train stage first)") from None
     except Exception as e:  # a truncated or foreign file: say which, not where in the unpickler
         raise DataError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+    if not isinstance(payload, dict) or not isinstance(payload.get("format"), int):
         raise DataError(f"{path}: not a checkpoint written by this project (format {FORMAT})")
+    if payload["format"] != FORMAT:
+        raise DataError(f"{path}: checkpoint format {payload['format']}, this version reads {FORMAT}: "
+                        "retrain it with `dvc repro`")
     return payload
 
 

@@ -77,12 +77,12 @@ def _imports(module: str, dist: str, label: str, needed_for: str) -> list[Check]
     except Exception as e:  # noqa: BLE001 (ImportError, or e.g. a torchvision built for another torch)
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         return [Check(label, FAIL, f"{label} does not import ({why}); {needed_for} needs it",
-                      "pip install -e . (in the project's virtual environment)")]
+                      "make (builds .venv from uv.lock), then source .venv/bin/activate")]
     version = str(getattr(mod, "__version__", None) or _version(dist))
     pin = _pins().get(dist)
     if pin and version.split("+")[0] != pin:
         return [Check(label, TODO, f"{label} {version}, but fmnist pins {pin}: results will not match the "
-                                   "committed ones bit for bit", "pip install -e . (installs the pinned version)")]
+                                   "committed ones bit for bit", "make (installs the versions locked in uv.lock)")]
     return [Check(label, OK, f"{label} {version}")]
 
 
@@ -103,7 +103,7 @@ def check_torch() -> list[Check]:
     got = (x @ x).sum().item()  # [[0,1],[2,3]]^2 = [[2,3],[6,11]]
     if got != 22.0:
         return checks + [Check("torch", FAIL, f"a 2x2 matrix product on the CPU gave {got}, not 22",
-                               "reinstall torch: pip install --force-reinstall -e .")]
+                               "rebuild the environment: rm -rf .venv && make")]
     return [Check(c.name, c.state, c.detail + ("; a tensor operation runs" if c.state == OK else ""), c.next)
             for c in checks]
 

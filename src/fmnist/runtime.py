@@ -1,9 +1,9 @@
 """How a run computes, declared and recorded: the CPU instruction set, the thread count, the machine.
 
-Three things outside params.yaml used to change results silently: which instruction set PyTorch's
-CPU kernels were dispatched to (AVX-512 here, AVX2 on a teammate's machine), the thread count
+Three things outside params.yaml can change results silently: which instruction set PyTorch's
+CPU kernels are dispatched to (AVX-512 on one machine, AVX2 on a teammate's), the thread count
 (MKL's matrix products and the fused kernel's reductions split work by thread), and whether the
-fused kernel was built. Now:
+fused kernel is built. So:
 
 - ``numerics: portable`` (the default) pins ATen, oneDNN and MKL to their AVX2 code paths, with
   MKL's conditional numerical reproducibility in strict mode, so that any x86-64 CPU with AVX2
@@ -15,7 +15,8 @@ fused kernel was built. Now:
   Only a run whose arithmetic does not depend on the thread count (the seed Network on the
   fused kernel with portable numerics) follows it; any other run always uses every core, so
   that its bits stay what this machine gives them.
-- :func:`environment` records all of it, with versions and the CPU, beside every run's metrics.
+- :func:`environment` records what of it decides the bits, with the versions, in every run's
+  outputs; :func:`machine` records the rest (CPU, threads) beside the run's logs.
 """
 
 from __future__ import annotations
@@ -229,38 +230,66 @@ class ThreadShare:
         return threads
 
 
+# Packages besides torch whose code writes an output's bytes: their versions are in every run's record.
+OUTPUT_PACKAGES = ("numpy", "tensorboard", "protobuf", "pillow", "dvc")
+
+
+def package_version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:  # dvc on a machine that runs a stage script by hand, say
+        return None
+
+
 def environment(p, device, cores: int) -> dict:
-    """What a run computed on: versions, device, CPU, instruction sets, threads and kernel path."""
+    """What decides a run's bits: versions, device, numerics, precision and kernel path.
+
+    It goes into hashed outputs (the checkpoint, the git-tracked ``*_env.json``), so it holds
+    nothing else: two machines that compute the same bits write the same record. The thread count
+    is in it only where the bits depend on it; :func:`machine` has the rest.
+    """
     import torch
 
     from . import kernels
     from .engine import compute_dtype
     from .models import cpu_kernel_on
 
+    independent = thread_independent(p, device.type)
     env = {
-        "python": platform.python_version(),
+        "python": ".".join(platform.python_version_tuple()[:2]),
         "torch": str(torch.__version__),  # a TorchVersion, which weights_only loading refuses
+        "packages": {name: package_version(name) for name in OUTPUT_PACKAGES},
         "platform": f"{platform.system()} {platform.machine()}",
         "device": str(device),
-        "cpu": cpu_model(),
-        "cpu_isa": cpu_isa(),
         "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "numerics": p.numerics,
         "numerics_env": {k: os.environ.get(k) for k in PINNED_VARS},
         "precision": p.precision,
         "compute_dtype": str(compute_dtype(device, p.precision)).removeprefix("torch."),
-        "threads": cores,  # the count a training alone uses; shared ones use fewer where the bits allow
-        "thread_independent": thread_independent(p, device.type),
+        "thread_independent": independent,
         "cpu_kernel": p.cpu_kernel,
         "kernel": kernels.status() if p.model == "network" and cpu_kernel_on(device, p.cpu_kernel) == "fused"
         else "PyTorch's layers",
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
     }
+    if not independent:
+        env["threads"] = cores
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
-        env["gpu_memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
     return env
+
+
+def machine(device, cores: int) -> dict:
+    """What this machine is, beyond :func:`environment`: kept beside a run's logs, out of every hash."""
+    import torch
+
+    info = {"python": platform.python_version(), "cpu": cpu_model(), "cpu_isa": cpu_isa(), "threads": cores}
+    if device.type == "cuda":
+        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
+    return info
 
 
 def configure(p) -> "torch.device":  # noqa: F821

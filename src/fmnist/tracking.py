@@ -259,10 +259,22 @@ class RunManager:
             self.tb.add_scalar("Accuracy/val", row["val_accuracy"], e)
         if self.histograms:
             for name, param in self.network.named_parameters():
-                self.tb.add_histogram(name, param.detach().float().cpu(), e)
+                self._histogram(name, param, e)
                 if param.grad is not None:
-                    self.tb.add_histogram(f"{name}.grad", param.grad.float().cpu(), e)
+                    self._histogram(f"{name}.grad", param.grad, e)
         self.tb.flush()
+
+    def _histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
+        """``add_histogram``'s buckets, with exactly rounded sums: TensorBoard's own sum of squares is a
+        BLAS dot product, whose last bit depends on the thread count and the CPU."""
+        import math
+
+        from torch.utils.tensorboard.summary import make_histogram
+
+        v = values.detach().double().cpu().numpy().ravel()
+        h = make_histogram(v, self.tb.default_bins)
+        self.tb.add_histogram_raw(tag, h.min, h.max, h.num, math.fsum(v.tolist()), math.fsum((v * v).tolist()),
+                                  list(h.bucket_limit), list(h.bucket), step)
 
     # -- the live table -------------------------------------------------------------------
     _FMT = "{run:>4} {epoch:>5} {loss:>8.4f} {accuracy:>8.2%} {val_loss:>9} {val_accuracy:>8} {epoch_duration:>7.1f}s {run_duration:>8.1f}s  {name}"
