@@ -38,7 +38,8 @@ def main() -> None:
     device = runtime.configure(configs[0])  # the runtime keys are the top level's, the same for every run
 
     runs_values = {"runs": [params.training_values(p) for p in configs]}  # not the worker count: either resumes
-    state = resume.SavedState(args.state, resume.fingerprint(runs_values, args.data, __file__))
+    env = runtime.environment(configs[0], device, threads)
+    state = resume.SavedState(args.state, resume.fingerprint(runs_values, args.data, __file__, env))
     with atomic_dir(args.logdir) as staging:  # runs/sweep appears whole at the end
         manager = sweep.run_sweep(runs, configs, args.data, staging, state, device, workers, threads,
                                   progress=sys.stderr.isatty())

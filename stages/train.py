@@ -49,7 +49,8 @@ def train_and_write(args: argparse.Namespace, p, device, world: distributed.Worl
     data = load_processed(args.data)
     train, val = (to_device(s, data.mean, data.std, device) for s in (data.train, data.val))
 
-    state = resume.SavedState(args.state, resume.fingerprint(params.training_values(p), args.data, __file__))
+    env = runtime.environment(p, device, runtime.available_cores())
+    state = resume.SavedState(args.state, resume.fingerprint(params.training_values(p), args.data, __file__, env))
     saved = state.load() if world.main else None
     resume_from = saved and saved["run"]
     if world.size > 1:  # the state rank 0 found, for every process

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,12 +29,15 @@ def pytest_configure(config):
     from fmnist import runtime
 
     runtime.pin_numerics("portable")
+    # the stages' error logs (fmnist.cli.error_log) go to a folder of this run, not the user's own
+    os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="fmnist-tests-state-")
     if config.rootpath == ROOT:  # this repository's suite, not a pytest that a test starts elsewhere
         config.stash[CHECKOUT] = checkout_state()
 
 
-# Paths that tests may create or change in the checkout: the venv and Python's and pytest's caches.
-CACHES = (".venv/", ".pytest_cache/")
+# Paths that tests may create or change in the checkout: the venv, pytest's cache and DVC's scratch
+# folder (any dvc command writes there, a read-only one like `dvc dag` included); Python's bytecode too.
+CACHES = (".venv/", ".pytest_cache/", ".dvc/tmp/")
 CHECKOUT = pytest.StashKey[list]()
 
 

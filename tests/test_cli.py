@@ -55,6 +55,18 @@ def test_a_pipeline_error_is_one_line_and_status_1(capsys):
     assert capsys.readouterr().err == "error: data/raw/x.gz: file not found\n"
 
 
+def test_an_operation_without_a_deterministic_implementation_is_refused_in_one_line():
+    """Where the same bits are promised, PyTorch's nondeterministic operations are errors, not warnings."""
+    code = ("import torch\nfrom fmnist import cli\nfrom fmnist.engine import make_deterministic\n"
+            "def main():\n    make_deterministic()\n"
+            "    torch.zeros(3).put_(torch.tensor([0, 0]), torch.tensor([1.0, 2.0]))\n"
+            "cli.run(main)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.splitlines() == ["error: put_ has no deterministic implementation in PyTorch on this device, "
+                                        "so the run could not give the same bits twice: it is refused"]
+
+
 def test_an_os_error_is_one_line_naming_the_file_and_status_1(capsys):
     def main():
         raise PermissionError(errno.EACCES, "Permission denied", "models/model.pt")
@@ -236,3 +248,20 @@ def test_after_kill_9_the_next_run_removes_the_dead_runs_staging_folder_only(tmp
     assert f"removed {staging}, left by process {killed.proc.pid}" in proc.stderr
     assert leftovers(out) == [live.relative_to(out).as_posix()]
     assert (out / "runs" / "train").is_dir() and (out / "m.pt").is_file()
+
+
+def test_the_exceptions_behind_a_one_line_error_are_logged_and_shown_when_verbose(tmp_path):
+    code = ("from fmnist import cli\nfrom fmnist.errors import DataError\n"
+            "def main():\n    try:\n        {}['deep']\n    except KeyError:\n"
+            "        raise DataError('m.pt: not a checkpoint') from None\n"
+            "cli.run(main)\n")
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path)}
+    env.pop("FMNIST_VERBOSE", None)
+    quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert (quiet.returncode, quiet.stderr) == (1, "error: m.pt: not a checkpoint\n")
+    log = (tmp_path / "fmnist" / "last-error.log").read_text()
+    assert "error: m.pt: not a checkpoint" in log and "KeyError: 'deep'" in log and "DataError" in log
+    verbose = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env={**env, "FMNIST_VERBOSE": "1"})
+    assert verbose.stderr.splitlines()[0] == "error: m.pt: not a checkpoint"
+    assert "KeyError: 'deep'" in verbose.stderr and verbose.returncode == 1

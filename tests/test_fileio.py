@@ -9,10 +9,12 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+from fmnist import fileio
 from fmnist.errors import OutputError, Terminated
 from fmnist.fileio import atomic_dir, atomic_path, remove_stale_temps, write_csv, write_json
 
@@ -307,3 +309,34 @@ def test_a_stop_inside_torch_save_stops_as_itself_and_leaves_nothing(tmp_path, s
         with atomic_path(tmp_path / "state.pt") as tmp, open(tmp, "wb") as f:
             torch.save({"weights": torch.zeros(1000)}, _StoppedWhileWriting(f, stop))
     assert list(tmp_path.iterdir()) == []
+
+
+
+def test_the_umask_is_read_without_being_set(monkeypatch):
+    """os.umask sets the mask for every thread while it reads it: a file another thread creates meanwhile gets 0666."""
+    mask = os.umask(0o027)
+    os.umask(mask)
+    monkeypatch.setattr(os, "umask", lambda _: pytest.fail("os.umask called"))
+    assert fileio._umask() == mask
+
+
+def test_bytes_and_names_reach_the_disk_around_each_rename(monkeypatch, tmp_path):
+    """After a power cut the target holds the old output or the new one, never a name without its bytes:
+    every file and folder written is flushed before the rename, and the folder holding the name after it."""
+    events = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(b))) or replace(a, b))
+
+    fileio.write_text(tmp_path / "m.json", "{}")
+    assert [kind for kind, _ in events] == ["fsync", "replace", "fsync"]
+    assert re.fullmatch(r"\.m\.json\.\d+\..+\.tmp", Path(events[0][1]).name)
+    assert events[1:] == [("replace", str(tmp_path / "m.json")), ("fsync", str(tmp_path))]
+
+    events.clear()
+    with atomic_dir(tmp_path / "runs") as staging:
+        (staging / "sub").mkdir()
+        (staging / "sub" / "events").write_bytes(b"x")
+    assert events[:3] == [("fsync", str(staging / "sub" / "events")), ("fsync", str(staging / "sub")),
+                          ("fsync", str(staging))]
+    assert events[-2:] == [("replace", str(tmp_path / "runs")), ("fsync", str(tmp_path))]

@@ -102,33 +102,53 @@ def test_killed_sweep_redoes_only_unfinished_runs(tmp_path, processed_full):
     assert not (cut / "state").exists()
 
 
-def test_state_made_with_other_params_data_or_code_is_not_used(tmp_path, caplog):
+def test_state_made_with_other_params_data_code_or_environment_is_not_used(tmp_path, caplog):
     data = tmp_path / "data"
     data.mkdir()
     (data / "train.npy").write_bytes(b"images")
     script = tmp_path / "train.py"
     script.write_text("# stage\n")
-    fp = resume.fingerprint({"lr": 0.05, "epochs": 3}, data, script)
-    resume.SavedState(tmp_path / "s.pt", fp).save(run={"epoch": 1})
-    assert resume.SavedState(tmp_path / "s.pt", fp).load()["run"] == {"epoch": 1}
+    env = {"torch": "2.14.1", "aten_cpu_capability": "AVX2", "thread_independent": True}
+
+    def fingerprint(lr=0.05, **changes):
+        return resume.fingerprint({"lr": lr, "epochs": 3}, data, script, {**env, **changes})
+
+    resume.SavedState(tmp_path / "s.pt", fingerprint()).save(run={"epoch": 1})
+    assert resume.SavedState(tmp_path / "s.pt", fingerprint()).load()["run"] == {"epoch": 1}
 
     caplog.set_level(logging.WARNING)
-    other = resume.fingerprint({"lr": 0.02, "epochs": 3}, data, script)
-    assert resume.SavedState(tmp_path / "s.pt", other).load() is None
+    assert resume.SavedState(tmp_path / "s.pt", fingerprint(lr=0.02)).load() is None
     assert "the parameters changed (lr 0.05 -> 0.02)" in caplog.text
 
+    # another torch, instruction set or (where the bits depend on it) thread count: other bits
+    for changes, key in (({"torch": "2.15.0"}, "torch"), ({"aten_cpu_capability": "AVX512"}, "aten_cpu_capability"),
+                         ({"thread_independent": False, "threads": 4}, "thread_independent, threads")):
+        caplog.clear()
+        assert resume.SavedState(tmp_path / "s.pt", fingerprint(**changes)).load() is None
+        assert f"what decides the bits changed ({key}:" in caplog.text
+
     (data / "train.npy").write_bytes(b"imageZ")
-    assert resume.SavedState(tmp_path / "s.pt", resume.fingerprint({"lr": 0.05, "epochs": 3}, data, script)).load() is None
+    assert resume.SavedState(tmp_path / "s.pt", fingerprint()).load() is None
     assert "the processed data changed" in caplog.text
 
     (data / "train.npy").write_bytes(b"images")
     script.write_text("# stage, edited\n")
-    assert resume.SavedState(tmp_path / "s.pt", resume.fingerprint({"lr": 0.05, "epochs": 3}, data, script)).load() is None
+    assert resume.SavedState(tmp_path / "s.pt", fingerprint()).load() is None
     assert "the code changed" in caplog.text
 
     (tmp_path / "s.pt").write_bytes(b"not a state")
-    assert resume.SavedState(tmp_path / "s.pt", fp).load() is None  # a damaged file: start fresh, say so
+    assert resume.SavedState(tmp_path / "s.pt", fingerprint()).load() is None  # a damaged file: start fresh, say so
     assert "not a readable resume state" in caplog.text
+
+
+def test_the_code_a_state_is_tied_to_is_the_trainings_not_the_fmnist_commands():
+    names = {p.name for p in resume.training_sources()}
+    assert {"engine.py", "models.py", "convpool.cpp"} <= names
+    assert not names & set(resume.NOT_TRAINING)
+    # the same modules DVC leaves out of the stages' dependencies
+    ignored = {line.rsplit("/", 1)[-1] for line in (ROOT / ".dvcignore").read_text().splitlines()
+               if line.startswith("/src/fmnist/")}
+    assert ignored == set(resume.NOT_TRAINING)
 
 
 def test_snapshot_restores_a_folder_and_refuses_names_outside_it(tmp_path):

@@ -56,7 +56,7 @@ def read_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dic
     except FileNotFoundError:
         raise DataError(f"{path}: checkpoint not found (run the train stage first)") from None
     except Exception as e:  # a truncated or foreign file: say which, not where in the unpickler
-        raise DataError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
+        raise DataError(f"{path}: not a readable checkpoint ({type(e).__name__})") from e  # FMNIST_VERBOSE shows e
     if not isinstance(payload, dict) or not isinstance(payload.get("format"), int):
         raise DataError(f"{path}: not a checkpoint written by this project (format {FORMAT})")
     if payload["format"] != FORMAT:

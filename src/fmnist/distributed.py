@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -95,7 +96,7 @@ def session(world: World) -> Iterator[None]:
         if world.size == 1:
             raise
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PipelineError(f"training process {world.rank} of {world.size}: {reason}") from None
+        raise PipelineError(f"training process {world.rank} of {world.size}: {reason}") from e
     finally:
         if world.size > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -105,10 +106,17 @@ def launch(processes: int) -> None:
     """Run this script again as ``processes`` processes on this machine (torchrun's launcher, standalone).
 
     Their output goes to this terminal; a process that fails stops the others, and this one then
-    raises a one-line :class:`PipelineError` naming it.
+    raises a one-line :class:`PipelineError` naming it. A stop signal (Ctrl-C, SIGTERM, SIGHUP)
+    stops the processes, then this one, as a single-process run stops (see :mod:`fmnist.cli`).
+    Each process gets its share of the cores (``OMP_NUM_THREADS``), as the ``torchrun`` command
+    gives it, rather than sizing its thread pool for the whole machine.
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from .errors import Terminated
+    from .runtime import available_cores
 
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id="fmnist", rdzv_backend="c10d",
@@ -116,8 +124,13 @@ def launch(processes: int) -> None:
     )
     for name in ("torch.distributed.elastic", "torch.distributed.launcher"):
         logging.getLogger(name).setLevel(logging.CRITICAL)  # its failure report is a page long: ours is a line
+    os.environ["OMP_NUM_THREADS"] = str(max(1, available_cores() // processes))  # the processes inherit it
     try:
         elastic_launch(config, sys.executable)(*sys.argv)
+    except SignalException as e:  # the launcher's own handler; it has stopped the processes
+        if e.sigval == signal.SIGINT:
+            raise KeyboardInterrupt from None
+        raise Terminated(e.sigval) from None
     except ChildFailedError as e:
         # the first to fail, not one the launcher then stopped with SIGTERM
         rank, failure = min(e.failures.items(), key=lambda f: (f[1].exitcode == -15, f[1].timestamp, f[0]))

@@ -44,15 +44,18 @@ def make_deterministic() -> None:
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
     # torch.use_deterministic_algorithms also sets torch._inductor.config.deterministic, and importing
-    # that config loads torch.compile's whole stack (inductor, dynamo): 1.3 s of every stage's start
-    # (measured), for a compiler no stage runs. So the switch is set directly; the compiler's flag
-    # too if it is loaded already, and again by torch itself if a caller later uses the public API.
+    # that config loads torch.compile's whole stack (inductor, dynamo) at every stage's start (see
+    # the README's latency section), for a compiler no stage runs. So the switch is set directly
+    # (the same call the public function makes); the compiler's flag too if it is loaded already,
+    # and again by torch itself if a caller later uses the public API. Not warn_only: an operation
+    # with no deterministic implementation is an error, not a warning, where the same bits are
+    # promised (fmnist.cli turns it into one line).
     if hasattr(torch._C, "_set_deterministic_algorithms"):
-        torch._C._set_deterministic_algorithms(True, warn_only=True)
+        torch._C._set_deterministic_algorithms(True, warn_only=False)
         if "torch._inductor.config" in sys.modules:
             sys.modules["torch._inductor.config"].deterministic = True
     else:  # a PyTorch without the private switch: the public call, at its cost
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.use_deterministic_algorithms(True)
     # ...which by default also fills every new tensor from torch.empty with NaN, guarding against
     # kernels that read memory they never wrote. None of ours do, and the fills cost 10-15% of a
     # training step of the seed's Network (measured), so they are off.
@@ -310,6 +313,10 @@ def fit(
             loss_sum, correct, samples = world.sum(manager.epoch_loss, manager.epoch_num_correct,
                                                    manager.epoch_samples)
             manager.epoch_loss, manager.epoch_num_correct, manager.epoch_samples = loss_sum, int(correct), int(samples)
+            # every process validates the model rank 0 saves: with its BatchNorm statistics, which on
+            # the CPU are its shard's (the next training step broadcasts them anyway)
+            for buffer in net.buffers():
+                torch.distributed.broadcast(buffer, src=0)
         val_loss, val_acc, _ = evaluate(net, val, world=world, precision=p.precision)
         manager.end_epoch(val_loss, val_acc)
         if on_epoch is not None:

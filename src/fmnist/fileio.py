@@ -1,6 +1,8 @@
 """Atomic output: every file is written beside its target under a temporary name, then renamed.
 
-A crash or an error therefore never leaves a half-written model, metric or data file. A temporary
+A crash or an error therefore never leaves a half-written model, metric or data file. The bytes are
+flushed to the disk before the rename and the folder after it, so a power cut leaves the old
+output or the new one. A temporary
 is named ``.{target name}.{pid}.{random}.tmp``: the pid says who is writing it, so a later write
 of the same target removes the ones whose process no longer exists (a run killed with SIGKILL,
 whose ``finally`` clauses never ran) and keeps those of a live, concurrent writer.
@@ -35,9 +37,34 @@ _MAX_PID = 2**31 - 1
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    """This process's umask, read without setting it (``os.umask`` sets it for every thread meanwhile)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # no /proc (not Linux): the only way there is
     os.umask(mask)
     return mask
+
+
+def _fsync(path: Path) -> None:
+    """Flush ``path`` (a file, or a folder's entries) to the disk."""
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0)
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    """Flush every file and folder under ``path``, ``path`` last: a rename of it then publishes durable bytes."""
+    for folder, _, files in os.walk(path, topdown=False):
+        for name in files:
+            _fsync(Path(folder) / name)
+        _fsync(Path(folder))
 
 
 def _process_exists(pid: int) -> bool:
@@ -155,7 +182,9 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         with _naming_the_output(target, tmp):
             yield tmp
         try:
+            _fsync(tmp)  # the bytes reach the disk before the name does: a power cut leaves old or new
             os.replace(tmp, target)
+            _fsync(target.parent)
         except OSError as e:
             raise OutputError(target, os_reason(e)) from e
     finally:
@@ -181,10 +210,12 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
             # The previous output is renamed aside, not deleted, until the new one is in place: an
             # interruption between the two renames puts it back (below), and deleting 55 MB is
             # never the moment a signal or a full disk can leave half a folder.
+            _fsync_tree(staging)
             if os.path.lexists(target):
                 old = _make_temp(target, folder=target.is_dir() and not target.is_symlink())
                 os.replace(target, old)  # onto the empty placeholder that reserved the name
             os.replace(staging, target)
+            _fsync(target.parent)
             committed = True
         except OSError as e:
             raise OutputError(target, os_reason(e)) from e

@@ -27,7 +27,7 @@ from .fileio import atomic_path
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 2: the fingerprint holds the environment
 PACKAGE = Path(__file__).parent
 
 
@@ -45,20 +45,34 @@ def digest_files(paths: Iterable[str | os.PathLike], root: str | os.PathLike | N
     return h.hexdigest()
 
 
+# The fmnist command's modules, which no stage imports (.dvcignore keeps them out of the stages'
+# dependencies too): editing them changes no training.
+NOT_TRAINING = ("commands.py", "doctor.py", "predict.py")
+
+
+def training_sources() -> list[Path]:
+    """The package's Python and C++ sources that a training runs."""
+    return sorted(p for p in PACKAGE.rglob("*") if p.suffix in (".py", ".cpp") and "__pycache__" not in p.parts
+                  and p.relative_to(PACKAGE).as_posix() not in NOT_TRAINING)
+
+
 def code_digest(stage_script: str | os.PathLike) -> str:
-    """The package's Python and C++ sources and the stage's own script: what the training runs."""
-    sources = [p for p in PACKAGE.rglob("*") if p.suffix in (".py", ".cpp") and "__pycache__" not in p.parts]
-    both = digest_files(sources, root=PACKAGE) + digest_files([stage_script])
+    """The training's sources and the stage's own script."""
+    both = digest_files(training_sources(), root=PACKAGE) + digest_files([stage_script])
     return hashlib.sha256(both.encode()).hexdigest()
 
 
-def fingerprint(params: Mapping[str, Any], data_dir: str | os.PathLike, stage_script: str | os.PathLike) -> dict:
-    """What a saved state must match to be used: the parameters, the processed data's bytes and the code."""
+def fingerprint(params: Mapping[str, Any], data_dir: str | os.PathLike, stage_script: str | os.PathLike,
+                environment: Mapping[str, Any]) -> dict:
+    """What a saved state must match to be used: the parameters, the processed data's bytes, the code and
+    ``environment``, what decides the bits (:func:`fmnist.runtime.environment`: versions, instruction
+    set, numerics, and the thread count where the bits depend on it)."""
     data_dir = Path(data_dir)
     return {
         "params": dict(params),
         "data": digest_files([p for p in data_dir.rglob("*") if p.is_file()], root=data_dir),
         "code": code_digest(stage_script),
+        "environment": dict(environment),
     }
 
 
@@ -73,6 +87,10 @@ def _mismatch(saved: Mapping, current: Mapping) -> str | None:
         return "the processed data changed"
     if saved.get("code") != current["code"]:
         return "the code changed (src/fmnist or the stage script)"
+    if saved.get("environment") != current["environment"]:
+        old, new = saved.get("environment") or {}, current["environment"]
+        keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        return f"what decides the bits changed ({', '.join(keys[:4])}: see fmnist.runtime.environment)"
     return None
 
 
@@ -90,7 +108,8 @@ class SavedState:
         try:
             payload = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as e:  # unreadable: a foreign or damaged file is not worth stopping for
-            log.warning("%s: not a readable resume state (%s); starting fresh", self.path, type(e).__name__)
+            log.warning("%s: not a readable resume state (%s: %s); starting fresh", self.path, type(e).__name__,
+                        str(e).strip().splitlines()[0][:200] if str(e).strip() else "")
             return None
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             log.warning("%s: resume state of another format; starting fresh", self.path)

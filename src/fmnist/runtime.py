@@ -133,6 +133,12 @@ def busy_seconds(cpus: set[int]) -> float | None:
     return busy / os.sysconf("SC_CLK_TCK")
 
 
+def trainings_folder() -> Path:
+    """Where this user's trainings register (:class:`ThreadShare`): a folder only this user can enter."""
+    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    return Path(base) / f"fmnist-trainings-{os.getuid()}"
+
+
 class ThreadShare:
     """This process's share of the machine's cores, given the trainings and other work running on it.
 
@@ -140,8 +146,9 @@ class ThreadShare:
     threads each on two cores ran at 3% of one training's speed. So a run whose bits do not depend
     on the thread count takes, before each epoch, the smaller of
 
-    - ``cores // trainings``: each fmnist training holds a lock on a file in a folder every user
-      can write to, and counts the locked files (a dead owner's lock vanishes with it);
+    - ``cores // trainings``: each fmnist training holds a lock on a file in this user's private
+      folder (:func:`trainings_folder`) and counts the locked files (a dead owner's lock vanishes
+      with it);
     - the cores other processes left free during the last epoch: the machine's busy time on this
       process's cores (/proc/stat) minus this process's own CPU time.
 
@@ -151,7 +158,7 @@ class ThreadShare:
 
     def __init__(self, cores: int | None = None, folder: str | os.PathLike | None = None):
         self.cores = cores or available_cores()
-        self.folder = Path(folder or Path(tempfile.gettempdir()) / "fmnist-trainings")
+        self.folder = Path(folder or trainings_folder())
         self._file = None
         self._path: Path | None = None
         try:
@@ -162,13 +169,14 @@ class ThreadShare:
 
     def __enter__(self) -> ThreadShare:
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            if self.folder.stat().st_uid == os.getuid():
-                self.folder.chmod(0o1777)  # every user's trainings register here (sticky, like /tmp)
+            self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            st = self.folder.stat()
+            if st.st_uid != os.getuid() or st.st_mode & 0o077:  # another user's, or theirs to write in
+                raise PermissionError(f"not a private folder of this user (owner {st.st_uid}, "
+                                      f"mode {st.st_mode & 0o777:o})")
             staged = self.folder / f".{os.getpid()}.{os.urandom(4).hex()}"
             f = open(staged, "w")
             fcntl.flock(f, fcntl.LOCK_EX)
-            staged.chmod(0o644)  # others take a shared lock to test it, which needs read access
             self._path = staged.with_name(staged.name[1:] + ".lock")
             os.replace(staged, self._path)  # visible to others only once locked
             self._file = f
@@ -202,12 +210,21 @@ class ThreadShare:
                     path.unlink()
         return max(live, 1)
 
+    SAMPLE = 0.25  # seconds of /proc/stat the first measurement waits for: shorter is below its clock ticks
+
     def others_load(self) -> float:
-        """Cores' worth of work other processes did on this process's cores since the last call (0 the first time)."""
+        """Cores' worth of work other processes did on this process's cores since the last call.
+
+        The first call, with nothing to compare with, waits :attr:`SAMPLE` seconds and measures
+        those: a training that starts beside busy work does not take every core for its first epoch.
+        """
+        if self._last is None:
+            self._last = (time.monotonic(), busy_seconds(self._cpus), time.process_time())
+            time.sleep(self.SAMPLE)
         busy = busy_seconds(self._cpus)
         now = (time.monotonic(), busy, time.process_time())
         last, self._last = self._last, now
-        if busy is None or last is None or now[0] - last[0] < 0.2:  # too short to tell from clock ticks
+        if busy is None or last[1] is None or now[0] - last[0] < 0.2:  # too short to tell from clock ticks
             return 0.0
         return max(0.0, ((now[1] - last[1]) - (now[2] - last[2])) / (now[0] - last[0]))
 
@@ -224,7 +241,7 @@ class ThreadShare:
 
         threads = self.threads_for(thread_independent(p, device_type))
         if threads != torch.get_num_threads():
-            log.info("%d thread(s) for this training (%d cores; %d training(s) running)", threads, self.cores,
+            log.info("%d thread(s) for this process (%d cores; %d training(s) running)", threads, self.cores,
                      self.count())
             torch.set_num_threads(threads)
         return threads
