@@ -288,3 +288,18 @@ def test_bfloat16_on_the_cpu_needs_native_numerics_and_is_flagged_without_native
     assert status == 0 and "neither AVX512_BF16 nor AMX" in " ".join(lines(report, "info"))
     assert next_step(report, "params.yaml asks precision: bfloat16 and") == \
         "compare with precision: auto (float32 on the CPU)"
+
+
+def test_a_model_deleted_by_a_failed_experiment_is_restored_from_the_cache_not_retrained(repo, capsys):
+    """DVC removes a stage's outputs before running it: after `dvc exp run` fails, the locked model is still cached."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    md5 = next(o["md5"] for o in lock["stages"]["train"]["outs"] if o["path"] == "models/model.pt")
+    cached = repo / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"the model")
+    status, report = run_doctor(repo, capsys)
+    assert "models/model.pt: missing, but DVC's cache holds the one dvc.lock names" in lines(report, "todo")
+    assert next_step(report, "models/model.pt: missing").startswith("run `dvc checkout models/model.pt`")
+    cached.unlink()
+    status, report = run_doctor(repo, capsys)
+    assert next_step(report, "models/model.pt: missing").startswith("run `dvc repro`")

@@ -338,9 +338,27 @@ def check_data(repo: Path, d_params, remotes: list[str]) -> list[Check]:
     return checks
 
 
+def locked_in_cache(repo: Path, out: str) -> bool:
+    """Whether dvc.lock's version of output ``out`` is in the local DVC cache (a failed `dvc exp run`
+    deletes the workspace copy, not the cached one)."""
+    from ruamel.yaml import YAML  # what DVC reads dvc.lock with
+
+    try:
+        lock = YAML(typ="safe").load((repo / "dvc.lock").read_text()) or {}
+        md5 = next(o["md5"] for stage in lock["stages"].values() for o in stage.get("outs", [])
+                   if o.get("path") == out and o.get("md5"))
+    except (OSError, KeyError, StopIteration, AttributeError, TypeError, ValueError):
+        return False
+    return (repo / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]).is_file()
+
+
 def check_model(repo: Path, p, remotes: list[str], torch_ok: bool) -> list[Check]:
     path = repo / "models" / "model.pt"
     if not path.exists():
+        if locked_in_cache(repo, "models/model.pt"):
+            return [Check("model", TODO, "models/model.pt: missing, but DVC's cache holds the one dvc.lock names",
+                          "run `dvc checkout models/model.pt` (a second, no training), or `dvc exp apply NAME` "
+                          "for an experiment's model")]
         return [Check("model", TODO, "models/model.pt: missing (no trained model)",
                       _fetch(remotes) + "; then `fmnist predict PICTURE` classifies pictures")]
     if not torch_ok:
