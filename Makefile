@@ -26,11 +26,11 @@ $(BIN)/uv:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
 
-# Every package comes from uv.lock (--locked: exactly as locked, and an error if uv.lock no longer matches pyproject.toml). The kernel is
-# compiled against the venv's torch, so everything else goes in first and the package last, without
-# build isolation (which would download a second torch, GBs, just to build with). The kernel must
-# then load, unless there is no C++ compiler (the package works without it, with cpu_kernel: torch);
-# on failure the stamp is not touched, so the next make builds again.
+# Every package comes from uv.lock (--locked: exactly as locked, and an error if uv.lock no longer
+# matches pyproject.toml). The kernel is compiled against the venv's torch, so everything else goes in
+# first and the package last, without build isolation (which would download a second torch, GBs,
+# just to build with). The kernel must then load, unless there is no C++ compiler (the package works
+# without it, with cpu_kernel: torch); on failure the stamp is not touched, so the next make builds again.
 $(BIN)/dvc: pyproject.toml uv.lock setup.py $(wildcard src/fmnist/csrc/*) $(CXX_MARK) $(BIN)/uv
 	$(BIN)/uv sync --locked --all-extras --python $(BIN)/python --no-install-project
 	$(BIN)/uv sync --locked --all-extras --python $(BIN)/python --reinstall-package fmnist

@@ -48,7 +48,7 @@ def main() -> None:
     with atomic_path(args.results) as tmp:
         manager.dataframe().drop(columns=list(TIMINGS)).to_csv(tmp, index=False)
     write_json(args.best, max(sweep.finals(runs, manager), key=lambda f: f["val_accuracy"]))
-    write_json(args.env, runtime.environment(configs[0], device, threads))
+    write_json(args.env, env)
     state.clear()
 
 

@@ -49,7 +49,7 @@ def train_and_write(args: argparse.Namespace, p, device, world: distributed.Worl
     data = load_processed(args.data)
     train, val = (to_device(s, data.mean, data.std, device) for s in (data.train, data.val))
 
-    env = runtime.environment(p, device, runtime.available_cores())
+    env = runtime.environment(p, device, runtime.available_cores())  # the cores ThreadShare counts below
     state = resume.SavedState(args.state, resume.fingerprint(params.training_values(p), args.data, __file__, env))
     saved = state.load() if world.main else None
     resume_from = saved and saved["run"]
@@ -74,7 +74,6 @@ def train_and_write(args: argparse.Namespace, p, device, world: distributed.Worl
             write_json(staging / "machine.json", runtime.machine(device, threads.cores))
     if not world.main:
         return
-    env = runtime.environment(p, device, threads.cores)
     save_checkpoint(args.model, model, p, data.mean, data.std, environment=env, metrics=metrics,
                     history=manager.run_rows())
     state.clear()

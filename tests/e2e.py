@@ -56,6 +56,13 @@ def repo_copy(dest: Path, mirror: Path) -> Path:
     return dest
 
 
+def git_clone(source: Path, dest: Path, *options: str) -> Path:
+    """What anyone cloning the repository ``source`` gets: git's files alone, no DVC cache."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    sh(dest.parent, "git", "clone", "-q", *options, str(source), str(dest))
+    return dest
+
+
 def repo_clone(source: Path, dest: Path) -> Path:
     """A copy of the repository ``source`` (work tree, git, DVC cache), as a second user would have it.
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .e2e import repo_clone, set_params, sh
+from .e2e import git_clone, repo_clone, set_params, sh
 
 pytestmark = pytest.mark.e2e
 
@@ -88,15 +88,8 @@ def test_sweep_stage_outputs_are_dvc_metrics_and_plots(repo, reproduced):
     assert workspace["metrics/sweep_best.json"]["data"]["val_accuracy"] == best["val_accuracy"]
 
 
-def git_clone(source: Path, dest: Path) -> Path:
-    """What anyone cloning the repository gets: git's files alone, no DVC cache, no remote."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    sh(dest.parent, "git", "clone", "-q", str(source), str(dest))
-    return dest
-
-
 def no_load_errors(proc: subprocess.CompletedProcess) -> str:
-    assert "failed to load" not in proc.stdout + proc.stderr.lower(), proc.stdout + proc.stderr
+    assert "failed to load" not in (proc.stdout + proc.stderr).lower(), proc.stdout + proc.stderr
     return proc.stdout
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .e2e import ENV, repo_clone, sh
+from .e2e import ENV, git_clone, repo_clone, sh
 
 pytestmark = pytest.mark.e2e
 
@@ -54,7 +54,7 @@ def team(pipeline, tmp_path_factory) -> Team:
 
 def clone(team: Team, dest: Path, branch: str | None = None) -> Path:
     """A teammate's fresh clone of `origin`: the code, params, dvc.lock and metrics, none of the DVC outputs."""
-    sh(dest.parent, "git", "clone", "-q", *(["--branch", branch] if branch else []), str(team.origin), str(dest))
+    git_clone(team.origin, dest, *(["--branch", branch] if branch else []))
     sh(dest, "git", "config", "user.email", "b@example.com")  # dvc exp run commits to refs/exps
     sh(dest, "git", "config", "user.name", "b")
     return dest

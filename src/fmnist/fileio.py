@@ -2,10 +2,10 @@
 
 A crash or an error therefore never leaves a half-written model, metric or data file. The bytes are
 flushed to the disk before the rename and the folder after it, so a power cut leaves the old
-output or the new one. A temporary
-is named ``.{target name}.{pid}.{random}.tmp``: the pid says who is writing it, so a later write
-of the same target removes the ones whose process no longer exists (a run killed with SIGKILL,
-whose ``finally`` clauses never ran) and keeps those of a live, concurrent writer.
+output or the new one. A temporary is named ``.{target name}.{pid}.{random}.tmp``: the pid says
+who is writing it, so a later write of the same target removes the ones whose process no longer
+exists (a run killed with SIGKILL, whose ``finally`` clauses never ran) and keeps those of a live,
+concurrent writer.
 
 A file-system error while writing (disk full, permission denied, read-only folder, file too
 large) becomes an :class:`~fmnist.errors.OutputError` naming the target, not the temporary.
