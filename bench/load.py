@@ -4,7 +4,7 @@
     python bench/load.py --trainings 1 2 4  # more at once
 
 Each training is a separate process running the default training (params.yaml) as the train
-stage runs it: numerics pinned, the cores shared through fmnist.runtime.ThreadShare. The row
+stage runs it: numerics pinned, the cores shared through fmnist.threadshare.ThreadShare. The row
 "not shared" gives every training every core, as each did before the share existed, and shows
 what sharing saves. Needs data/processed (`dvc repro transform`). ``--json FILE`` writes the
 figures.
@@ -27,7 +27,7 @@ def worker(args) -> None:
     """One training: ``args.epochs`` epochs, the first not timed; prints images/s as JSON."""
     import torch
 
-    from fmnist import params, runtime
+    from fmnist import params, runtime, threadshare
     from fmnist.data import load_processed
     from fmnist.engine import to_device, train_one_epoch, training_state
     from fmnist.models import build_model
@@ -38,7 +38,7 @@ def worker(args) -> None:
     train = to_device(data.train, data.mean, data.std, device)
     model = build_model(p.model, p.width, p.seed, cpu_kernel=p.cpu_kernel).to(memory_format=torch.channels_last)
     opt, sched, gen = training_state(model, p, len(train), device)
-    share = runtime.ThreadShare() if args.share else contextlib.nullcontext()
+    share = threadshare.ThreadShare() if args.share else contextlib.nullcontext()
     with share:
         seconds = 0.0
         for epoch in range(args.epochs):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch.nn.functional as F
 
-from fmnist import cli, params, runtime
+from fmnist import params, runtime, stage, threadshare
 from fmnist.checkpoint import HISTORY, load_checkpoint
 from fmnist.data import load_processed
 from fmnist.engine import predict, to_device
@@ -40,7 +40,7 @@ def main() -> None:
     norm = info["normalize"]
     test = to_device(data.test, norm["mean"], norm["std"], device)
 
-    with runtime.ThreadShare() as threads:
+    with threadshare.ThreadShare() as threads:
         threads.rebalance(p, device.type)
         logits = predict(model, test.x, tta=p.tta, precision=p.precision)
     preds = logits.argmax(1)
@@ -61,4 +61,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    stage.run(main)

@@ -5,7 +5,7 @@ Set FMNIST_MIRROR to a local folder or URL base to fetch from there first.
 
 import argparse
 
-from fmnist import cli
+from fmnist import stage
 from fmnist.extract import extract, sources_from_env
 
 
@@ -22,4 +22,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    stage.run(main)

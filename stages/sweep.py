@@ -12,7 +12,7 @@ runs.json and machine.json, which .dvcignore keeps out of dvc.lock).
 import argparse
 import sys
 
-from fmnist import cli, params, resume, runtime, sweep
+from fmnist import params, resume, runtime, stage, sweep
 from fmnist.fileio import atomic_dir, atomic_path, write_json
 from fmnist.tracking import TIMINGS, RunBuilder
 
@@ -53,4 +53,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    stage.run(main)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from fmnist import cli, distributed, params, resume, runtime
+from fmnist import distributed, params, resume, runtime, stage, threadshare
 from fmnist.checkpoint import save_checkpoint
 from fmnist.data import load_processed
 from fmnist.engine import to_device, train_run
@@ -65,7 +65,7 @@ def train_and_write(args: argparse.Namespace, p, device, world: distributed.Worl
     # TensorBoard follows the run live in a hidden staging folder beside runs/train, which takes
     # its place only when training has finished: a failed run leaves no partial log behind (its
     # events so far are in the saved state).
-    with runtime.ThreadShare() as threads, (atomic_dir(args.logdir) if world.main else nullcontext()) as staging:
+    with threadshare.ThreadShare() as threads, (atomic_dir(args.logdir) if world.main else nullcontext()) as staging:
         model, metrics = train_run(p, train, val, manager, name=Path(args.logdir).name, log_dir=staging,
                                    progress=sys.stderr.isatty() and world.main, threads=threads,
                                    resume=resume_from, on_epoch=after_epoch if world.main else None,
@@ -80,4 +80,4 @@ def train_and_write(args: argparse.Namespace, p, device, world: distributed.Worl
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    stage.run(main)

@@ -2,7 +2,7 @@
 
 import argparse
 
-from fmnist import cli, params
+from fmnist import params, stage
 from fmnist.data import transform
 
 
@@ -16,4 +16,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    stage.run(main)

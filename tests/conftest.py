@@ -29,7 +29,7 @@ def pytest_configure(config):
     from fmnist import runtime
 
     runtime.pin_numerics("portable")
-    # the stages' error logs (fmnist.cli.error_log) go to a folder of this run, not the user's own
+    # the stages' error logs (fmnist.stage.error_log) go to a folder of this run, not the user's own
     os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="fmnist-tests-state-")
     if config.rootpath == ROOT:  # this repository's suite, not a pytest that a test starts elsewhere
         config.stash[CHECKOUT] = checkout_state()

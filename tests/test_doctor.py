@@ -18,7 +18,7 @@ import yaml
 
 from fmnist import kernels, params, runtime
 from fmnist.checkpoint import save_checkpoint
-from fmnist.commands import main
+from fmnist.cli import main
 from fmnist.extract import FILES
 from fmnist.models import build_model
 
@@ -263,6 +263,17 @@ def test_a_complete_repository_has_nothing_to_do_and_stale_outputs_are_named(rep
     assert status == 0
     assert next_step(report, "data/raw: missing").startswith("run `dvc pull`")  # a remote holds them
     assert "dvc checkout models/model.pt" in next_step(report, "models/model.pt: does not load")
+
+
+def test_a_check_that_raises_is_one_fail_line_naming_the_error_not_a_traceback(repo, capsys, monkeypatch):
+    def unreadable():
+        raise RuntimeError("cannot read the CPU's name\nsecond line")
+
+    monkeypatch.setattr(runtime, "cpu_model", unreadable)
+    status, report = run_doctor(repo, capsys)
+    assert status == 1
+    assert lines(report, "FAIL") == ["RuntimeError: cannot read the CPU's name"]
+    assert "1 problem(s) stop the default pipeline (CPU)" in report
 
 
 def test_help_shows_an_example(capsys):

@@ -23,7 +23,7 @@ from PIL import Image
 from fmnist import CLASSES, kernels, params
 from fmnist import predict as pr
 from fmnist.checkpoint import load_checkpoint, save_checkpoint
-from fmnist.commands import main
+from fmnist.cli import main
 from fmnist.data import Split, read_idx_pair
 from fmnist.engine import predict, to_device, train_run
 from fmnist.errors import DataError

@@ -161,7 +161,7 @@ def test_a_shared_run_cache_restores_a_stage_in_another_clone_instead_of_running
 
 
 def test_a_pulled_run_cache_reruns_the_stage_without_pull_as_its_outputs_are_only_remote(team, new_split, tmp_path):
-    # why the README says --pull: `dvc pull --run-cache` brings the run records but not the outputs they
+    # why docs/sharing.md says --pull: `dvc pull --run-cache` brings the run records but not the outputs they
     # name, and DVC restores a stage from a record only when those outputs are in the local cache
     b = clone(team, tmp_path / "b")
     sh(b, "dvc", "pull", "--run-cache")

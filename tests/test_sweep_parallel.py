@@ -154,3 +154,60 @@ def test_sigterm_stops_a_parallel_sweep_and_its_workers_cleanly(tmp_path, proces
     assert proc.log.read_text().strip().splitlines()[-1] == "interrupted (SIGTERM)"
     assert workers_alive(out) == []
     assert sorted(p.name for p in out.iterdir()) == ["log.txt", "params.yaml"]
+
+
+class ReverseOrderPool:
+    """A stand-in for the worker pool, in this process: it finishes the runs in the reverse of their
+    submission order, one at a time, so that every run completes out of grid order."""
+
+    def __init__(self, workers, mp_context=None, initializer=None, initargs=()):
+        self.jobs = []
+
+    def submit(self, fn, *args):
+        from concurrent.futures import Future
+
+        future = Future()
+        self.jobs.append((future, fn, args))
+        if len(self.jobs) == 1:
+            import threading
+
+            threading.Timer(0.05, self._finish_all).start()
+        return future
+
+    def _finish_all(self):
+        time.sleep(0.1)  # every run submitted by now (submission takes microseconds)
+        for future, fn, args in reversed(self.jobs):
+            future.set_result(fn(*args))
+            time.sleep(0.05)  # one completion per wait() of the sweep
+
+    def shutdown(self, wait=True, cancel_futures=False):
+        pass
+
+
+def test_each_parallel_run_is_recorded_under_its_own_grid_position_whatever_order_they_finish(
+        tmp_path, monkeypatch):
+    from fmnist import sweep as sweep_module
+    from fmnist.tracking import RunBuilder, run_name
+
+    def fake_worker(i, n, values, p, data_dir, staging, threads, resume_state):
+        (Path(staging) / run_name(runs[i - 1])).mkdir(parents=True)
+        (Path(staging) / run_name(runs[i - 1]) / "events").write_text(f"run {i}")
+        return [{"run": i, "name": run_name(runs[i - 1]), "epoch": 1, "loss": i / 10, "accuracy": i / 100,
+                 "val_loss": i / 10, "val_accuracy": i / 100, **values}]
+
+    class State:
+        saves = []
+
+        def save(self, **payload):
+            self.saves.append({k: sorted(v) for k, v in payload.items() if k == "finished"})
+
+    runs = RunBuilder.get_runs({"lr": [0.01, 0.02, 0.03]})
+    monkeypatch.setattr(sweep_module, "ProcessPoolExecutor", ReverseOrderPool)
+    monkeypatch.setattr(sweep_module, "train_in_worker", fake_worker)
+    state = State()
+    manager = sweep_module._parallel(runs, [None] * 3, tmp_path / "data", tmp_path / "staging", state,
+                                     {"finished": {}, "current": None}, workers=3, threads=1)
+    assert [s["finished"] for s in state.saves] == [[3], [2, 3], [1, 2, 3]]  # they did finish last first
+    assert [(r["run"], r["lr"], r["loss"]) for r in manager.run_data] == [(1, 0.01, 0.1), (2, 0.02, 0.2),
+                                                                         (3, 0.03, 0.3)]
+    assert [f["params"]["lr"] for f in sweep_module.finals(runs, manager)] == [0.01, 0.02, 0.03]

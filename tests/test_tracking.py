@@ -7,7 +7,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fmnist.models import Network
-from fmnist.tracking import RunBuilder, RunManager, image_grid
+from fmnist.tensorboard_logs import image_grid
+from fmnist.tracking import RunBuilder, RunManager
 
 
 def test_run_builder_gives_the_cartesian_product_as_named_tuples():

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import DataError, ParamsError
+from .errors import DataError, ParamsError, first_line
 from .fileio import atomic_path
 from .models import build_model, cpu_kernel_on
 from .params import TrainParams, train_params, training_values
@@ -80,7 +80,7 @@ def model_from(payload: dict, path: str | Path, device: torch.device | str = "cp
         model = build_model(payload["model"], payload["width"], cpu_kernel=cpu_kernel_on(device, cpu_kernel))
         model.load_state_dict(payload["state_dict"])
     except (KeyError, RuntimeError) as e:
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+        reason = f"{type(e).__name__}: {first_line(e)}"
         raise DataError(f"{path}: checkpoint does not match its model ({reason})") from None
     model.to(device).eval()
     return model, {k: v for k, v in payload.items() if k != "state_dict"}

@@ -1,106 +1,141 @@
-"""What every stage entry point shares: logging set up once, user errors as one line, clean stops.
+"""The ``fmnist`` command installed with the package: ``fmnist predict`` and ``fmnist doctor``.
 
-Exit status: 0 done, 1 an error the user can act on (``error: <one line>``; the exceptions behind it
-are kept in :func:`error_log` and printed under ``FMNIST_VERBOSE=1``), 128 + the signal's
-number when stopped by SIGINT (130), SIGTERM (143) or SIGHUP (129). A signal becomes an exception,
-so the ``finally`` clauses of :mod:`fmnist.fileio` remove whatever was being written. The processes
-of a data-parallel run stop silently: their launcher says it once (:func:`fmnist.distributed.launch`).
+Errors are one line, ``error: <file>: <what is wrong>``, on stderr, as the stages report them
+(:func:`fmnist.stage.run`). Exit status: 0 when everything worked; 1 when a picture or the model
+could not be read, or doctor found something that stops the pipeline; 2 for a bad command line.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import signal
+import argparse
+import json
 import sys
-import threading
-import traceback
-from collections.abc import Callable
 from pathlib import Path
 
-from .errors import PipelineError, Terminated
-from .fileio import os_reason
+from . import stage
+from .errors import PipelineError
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # SIGINT already raises KeyboardInterrupt
-NONDETERMINISTIC = "does not have a deterministic implementation"  # PyTorch's words, under deterministic mode
+PREDICT_EXAMPLES = """\
+examples:
+  fmnist predict shoe.jpg
+  fmnist predict photos/ --top 5
+  fmnist predict scan.png --invert no --json
+  fmnist predict shirt.jpg --model models/other.pt --device cpu
 
+A folder stands for the image files directly in it (any format Pillow reads, by extension,
+sorted by name; subfolders are not searched). Each picture is made to look like the training
+images: grayscale, inverted if its background is light (judged from its border), cropped to
+the item, padded to a square, resized to 28x28. A 28x28 picture is taken as it is (inverted
+if need be). A file that cannot be classified gives one error line and exit status 1; the
+others are still classified.
+"""
 
-def _raise_terminated(signum: int, frame: object) -> None:
-    raise Terminated(signum)
+DOCTOR_EXAMPLES = """\
+examples:
+  fmnist doctor
+  fmnist doctor --repo ~/src/fmnist
 
-
-def _install_handlers() -> dict[int, object]:
-    """Make each stop signal raise :class:`Terminated`; return the handlers it replaced."""
-    previous = {}
-    if threading.current_thread() is not threading.main_thread():
-        return previous  # only the main thread may set handlers (and only it runs them)
-    for sig in STOP_SIGNALS:
-        if signal.getsignal(sig) == signal.SIG_DFL:  # an ignored signal (nohup) stays ignored
-            previous[sig] = signal.signal(sig, _raise_terminated)
-    return previous
-
-
-def _describe(e: OSError) -> str:
-    """``<file>: <what the system said>`` on one line, e.g. ``models/m.pt: Permission denied``."""
-    reason = os_reason(e)
-    if e.filename is not None and e.filename2 is not None:
-        return f"{e.filename} -> {e.filename2}: {reason}"
-    return reason if e.filename is None else f"{e.filename}: {reason}"
-
-
-def error_log() -> Path:
-    """Where the last error's full traceback is kept: the user's state folder (XDG), outside any checkout."""
-    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
-    return Path(base) / "fmnist" / "last-error.log"
+Checks the installation (Python, torch, torchvision, DVC, TensorBoard, Pillow, CUDA and cuDNN,
+GPUs, the fused CPU kernel, threads) and the repository (params.yaml, data/raw,
+data/processed, models/model.pt, the DVC remote). Each line is ok, info, todo (missing, with
+the next step: the pipeline makes it) or FAIL (the default pipeline cannot run). Exit status
+1 only when something FAILs.
+"""
 
 
-def _details(e: BaseException) -> str:
-    """``e``'s traceback with every exception behind it, those a one-line error hides (``from None``) included."""
-    chain = []
-    while e is not None and e not in chain:
-        chain.append(e)
-        e = e.__cause__ or e.__context__
-    return "".join("".join(traceback.format_exception(x, chain=False)) for x in reversed(chain))
+def _top(value: str) -> int:
+    from . import CLASSES
+
+    k = int(value) if value.isdigit() else 0
+    if not 1 <= k <= len(CLASSES):
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to {len(CLASSES)}, got {value!r}")
+    return k
 
 
-def _stop(message: str, status: int, quiet: bool = False, error: BaseException | None = None) -> None:
-    """Print the one line and exit; an error's full story goes to :func:`error_log`, and to stderr too
-    under ``FMNIST_VERBOSE=1``."""
-    if not quiet:
-        print(message, file=sys.stderr, flush=True)
-    if error is not None:
-        details = f"{' '.join(sys.argv)}\n{message}\n\n{_details(error)}"
-        if os.environ.get("FMNIST_VERBOSE", "") not in ("", "0"):
-            print(details, file=sys.stderr, flush=True)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fmnist", description="Fashion-MNIST: classify pictures with the trained "
+                                     "model, or check the installation.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{predict,doctor}")
+
+    pred = sub.add_parser("predict", help="classify pictures with a trained checkpoint",
+                          description="Classify pictures (files or folders of them) with a trained checkpoint; "
+                                      "print the most probable classes of each.",
+                          epilog=PREDICT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    pred.add_argument("paths", nargs="+", metavar="IMAGE|FOLDER", help="picture files, or folders of them")
+    pred.add_argument("--model", default="models/model.pt", help="checkpoint to use (default: %(default)s)")
+    pred.add_argument("--top", type=_top, default=3, metavar="K", help="classes to show per picture (default: 3)")
+    pred.add_argument("--invert", choices=("auto", "yes", "no"), default="auto",
+                      help="make a light background dark: auto decides from the picture's border (default)")
+    pred.add_argument("--no-crop", dest="crop", action="store_false",
+                      help="keep the whole picture instead of cropping it to the item first")
+    pred.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                      help="where the model runs: auto uses a CUDA GPU when there is one (default)")
+    pred.add_argument("--tta", action="store_true",
+                      help="average over each picture and its mirror image, as the evaluate stage does with tta: true")
+    pred.add_argument("--json", action="store_true", help="print a JSON list, one object per picture")
+    pred.set_defaults(run=run_predict)
+
+    doc = sub.add_parser("doctor", help="check the installation and what the pipeline needs",
+                         description="Check the installation and this repository; say what to do next.",
+                         epilog=DOCTOR_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    doc.add_argument("--repo", default=".", type=Path, metavar="PATH",
+                     help="the repository's root folder (default: the current one)")
+    doc.set_defaults(run=run_doctor)
+    return parser
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from . import predict
+    from .runtime import resolve_device
+
+    device = resolve_device(args.device, setting="--device")
+    model, info = predict.load_model(args.model, device)  # a missing model stops here, in one line
+    pictures, failed = [], 0
+    for path in args.paths:
         try:
-            error_log().parent.mkdir(parents=True, exist_ok=True)
-            error_log().write_text(details, encoding="utf-8")
-        except OSError:
-            pass  # the line is printed; the log is a courtesy
-    sys.exit(status)
+            files = predict.expand(path)
+        except PipelineError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            failed += 1
+            continue
+        for file in files:
+            try:
+                pictures.append(predict.read_picture(file, args.invert, args.crop))
+            except PipelineError as e:  # this picture only: the others are still classified
+                print(f"error: {e}", file=sys.stderr, flush=True)
+                failed += 1
+    results = predict.classify(model, info, pictures, device, tta=args.tta)
+    if args.json:
+        print(json.dumps([predict.as_record(r, args.top) for r in results], indent=2))
+    else:
+        for r in results:
+            print(predict.as_text(r, args.top))
+    return 1 if failed else 0
 
 
-def run(main: Callable[[], object]) -> None:
-    """Run a stage's ``main``: errors become one line and exit status 1, signals a clean stop (see module doc)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    previous = _install_handlers()
-    launched = "RANK" in os.environ  # one of a launcher's processes: the launcher reports the stop, once
-    try:
-        main()
-    except PipelineError as e:
-        _stop(f"error: {e}", 1, error=e)
-    except OSError as e:  # a file-system error that no module turned into a PipelineError
-        _stop(f"error: {_describe(e)}", 1, error=e)
-    except RuntimeError as e:  # PyTorch refusing an operation that would break the same-bits promise
-        if NONDETERMINISTIC not in str(e):
-            raise
-        op = str(e).split(NONDETERMINISTIC)[0].strip()
-        _stop(f"error: {op} has no deterministic implementation in PyTorch on this device, so the run could "
-              "not give the same bits twice: it is refused", 1, error=e)
-    except KeyboardInterrupt:
-        _stop("interrupted (SIGINT)", 128 + signal.SIGINT, quiet=launched)
-    except Terminated as e:
-        _stop(f"interrupted ({signal.Signals(e.signum).name})", 128 + e.signum, quiet=launched)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+def run_doctor(args: argparse.Namespace) -> int:
+    from . import doctor
+
+    repo = args.repo.expanduser().resolve()
+    if not repo.is_dir():
+        raise PipelineError(f"{args.repo}: no such folder (--repo takes the repository's root folder)")
+    checks = doctor.run_checks(repo)
+    print(doctor.render(repo, checks))
+    return 1 if any(c.state == doctor.FAIL for c in checks) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The console script: parse, run the subcommand under :func:`fmnist.stage.run`, return the exit status."""
+    args = build_parser().parse_args(argv)
+    status = 0
+
+    def body() -> None:
+        nonlocal status
+        status = args.run(args)
+
+    stage.run(body)  # a PipelineError or OSError becomes one line and exit status 1; signals stop cleanly
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

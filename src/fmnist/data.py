@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from . import CLASSES
-from .errors import DataError
+from .errors import DataError, first_line
 from .extract import gunzip
 from .fileio import atomic_dir
 from .params import DataParams
@@ -142,7 +142,7 @@ def _load(path: Path) -> np.ndarray:
     except FileNotFoundError:
         raise DataError(f"{path}: file not found (run the transform stage first)") from None
     except (ValueError, EOFError, OSError) as e:
-        raise DataError(f"{path}: not a valid .npy file ({type(e).__name__}: {e})") from None
+        raise DataError(f"{path}: not a valid .npy file ({type(e).__name__}: {first_line(e)})") from None
 
 
 def load_processed(proc_dir: str | Path) -> Processed:
@@ -153,7 +153,7 @@ def load_processed(proc_dir: str | Path) -> Processed:
     except FileNotFoundError:
         raise DataError(f"{proc_dir / 'meta.json'}: file not found (run the transform stage first)") from None
     except (ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{proc_dir / 'meta.json'}: not valid transform metadata ({type(e).__name__}: {e})") from None
+        raise DataError(f"{proc_dir / 'meta.json'}: not valid transform metadata ({type(e).__name__}: {first_line(e)})") from None
     arrays = {n: torch.from_numpy(_load(proc_dir / f"{n}.npy")) for n in (
         "train_images", "train_labels", "test_images", "test_labels", "train_idx", "val_idx")}
     full_x, full_y = arrays["train_images"], arrays["train_labels"]

@@ -21,7 +21,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .errors import ParamsError, PipelineError
+from .errors import ParamsError, PipelineError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def session(world: World) -> Iterator[None]:
     except RuntimeError as e:  # DistBackendError and gloo's transport errors are RuntimeErrors
         if world.size == 1:
             raise
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         raise PipelineError(f"training process {world.rank} of {world.size}: {reason}") from e
     finally:
         if world.size > 1 and dist.is_initialized():
@@ -107,7 +107,7 @@ def launch(processes: int) -> None:
 
     Their output goes to this terminal; a process that fails stops the others, and this one then
     raises a one-line :class:`PipelineError` naming it. A stop signal (Ctrl-C, SIGTERM, SIGHUP)
-    stops the processes, then this one, as a single-process run stops (see :mod:`fmnist.cli`).
+    stops the processes, then this one, as a single-process run stops (see :mod:`fmnist.stage`).
     Each process gets its share of the cores (``OMP_NUM_THREADS``), as the ``torchrun`` command
     gives it, rather than sizing its thread pool for the whole machine.
     """

@@ -11,8 +11,6 @@ import dataclasses
 import importlib
 import logging
 import math
-import os
-import sys
 import time
 from dataclasses import dataclass
 
@@ -25,41 +23,10 @@ from .data import Split
 from .distributed import World
 from .errors import ParamsError, PipelineError
 from .params import TrainParams, training_values
+from .resume import restore_run_state, run_state
+from .runtime import autocast
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str, setting: str = "params.yaml: device") -> torch.device:
-    """``auto`` -> CUDA when present, else CPU; ``cuda`` without a GPU is an error naming ``setting``."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ParamsError(f"{setting} is 'cuda' but no CUDA GPU is available (use auto or cpu)")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-def make_deterministic() -> None:
-    """Process-wide settings for bit-identical reruns; entry points call this once, first thing."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.deterministic = True
-    # torch.use_deterministic_algorithms also sets torch._inductor.config.deterministic, and importing
-    # that config loads torch.compile's whole stack (inductor, dynamo) at every stage's start (see
-    # the README's latency section), for a compiler no stage runs. So the switch is set directly
-    # (the same call the public function makes); the compiler's flag too if it is loaded already,
-    # and again by torch itself if a caller later uses the public API. Not warn_only: an operation
-    # with no deterministic implementation is an error, not a warning, where the same bits are
-    # promised (fmnist.cli turns it into one line).
-    if hasattr(torch._C, "_set_deterministic_algorithms"):
-        torch._C._set_deterministic_algorithms(True, warn_only=False)
-        if "torch._inductor.config" in sys.modules:
-            sys.modules["torch._inductor.config"].deterministic = True
-    else:  # a PyTorch without the private switch: the public call, at its cost
-        torch.use_deterministic_algorithms(True)
-    # ...which by default also fills every new tensor from torch.empty with NaN, guarding against
-    # kernels that read memory they never wrote. None of ours do, and the fills cost 10-15% of a
-    # training step of the seed's Network (measured), so they are off.
-    torch.utils.deterministic.fill_uninitialized_memory = False
 
 
 @dataclass(frozen=True)
@@ -79,25 +46,8 @@ def to_device(split: Split, mean: float, std: float, device: torch.device) -> De
     return DeviceSplit(x.contiguous(memory_format=torch.channels_last), split.labels.to(device))
 
 
-def compute_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
-    """The dtype convolutions and matrix products run in for params.yaml's ``precision`` on ``device``.
-
-    ``auto``: bfloat16 on CUDA (tensor cores, half the activation traffic), float32 on the CPU.
-    """
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[precision]
-
-
-def autocast(device: torch.device, precision: str = "auto"):
-    """Autocast to :func:`compute_dtype` (a no-op for float32): weights, BatchNorm and the loss stay float32."""
-    dtype = compute_dtype(device, precision)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-
-
 def make_optimizer(model: nn.Module, p: TrainParams) -> torch.optim.Optimizer:
-    # fused: one kernel for all parameters instead of a chain of foreach ops per step; 12-18% more
-    # images/s for the seed's Network at batch size 100 on 2 CPU cores (measured), same arithmetic
+    # fused: one kernel for all parameters instead of a chain of foreach ops per step, same arithmetic
     if p.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=p.lr, weight_decay=p.weight_decay, fused=True)
     return torch.optim.SGD(
@@ -177,7 +127,7 @@ def train_one_epoch(
         if world.size > 1:
             part = world.shard(batch)
             idx, flip = idx[part], None if flip is None else flip[part]
-        # index_select: 4-5x faster than x[idx] for a batch of 100 on the CPU (measured)
+        # index_select: a gather that is much faster than x[idx] for small batches on the CPU
         images, labels = data.x.index_select(0, idx), data.y.index_select(0, idx)
         if flip is not None:
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
@@ -216,7 +166,7 @@ def predict(
     """Logits [N, 10] (float32) for images ``x`` [N, 1, 28, 28], batched, gradients off (the seed's get_all_preds).
 
     With ``tta`` the logits of each image and its mirror image are averaged. ``precision``: see
-    :func:`compute_dtype`.
+    :func:`fmnist.runtime.compute_dtype`.
     """
     model.eval()
     out = []
@@ -250,37 +200,6 @@ def evaluate(
     return loss, accuracy, logits
 
 
-def run_state(model: nn.Module, optimizer, scheduler, generator: torch.Generator, manager, epoch: int) -> dict:
-    """Everything the rest of a run depends on after ``epoch`` finished epochs (see :mod:`fmnist.resume`)."""
-    from .resume import snapshot
-
-    device = generator.device
-    return {
-        "epoch": epoch,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": None if scheduler is None else scheduler.state_dict(),
-        "generator": generator.get_state(),
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        "rows": manager.run_rows(),
-        "logs": snapshot(manager.log_dir) if manager.log_dir is not None else {},
-    }
-
-
-def restore_run_state(state: dict, model: nn.Module, optimizer, scheduler, generator: torch.Generator) -> int:
-    """Put a :func:`run_state` back; returns the number of epochs it had finished."""
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    generator.set_state(state["generator"])
-    torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"] is not None:
-        torch.cuda.set_rng_state(state["cuda_rng"], generator.device)
-    return state["epoch"]
-
-
 def fit(
     model: nn.Module,
     train: DeviceSplit,
@@ -295,7 +214,7 @@ def fit(
 ) -> list[dict]:
     """Train ``model`` for ``p.epochs`` epochs, validating after each; ``manager`` records every epoch.
 
-    ``threads``: a :class:`~fmnist.runtime.ThreadShare` to rebalance before each epoch.
+    ``threads``: a :class:`~fmnist.threadshare.ThreadShare` to rebalance before each epoch.
     ``resume``: a :func:`run_state` to continue from (the manager's run was begun with its rows).
     ``on_epoch``: called with the :func:`run_state` after each finished epoch, e.g. to save it.
     Returns the manager's rows for this run (one per epoch).
@@ -362,11 +281,11 @@ def train_run(
         run = _params_tuple(p)
     trained = model
     if world.size > 1:
-        if train.x.device.type == "cuda":  # on the CPU BatchNorm stays per process: see README, Scale out
+        if train.x.device.type == "cuda":  # on the CPU BatchNorm stays per process (docs/scale-out.md)
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         trained = nn.parallel.DistributedDataParallel(
             model, device_ids=[train.x.device.index] if train.x.device.type == "cuda" else None)
-    # torch.optim loads torch._dynamo at its first use (1.3 s): here, before the run's clocks start
+    # torch.optim loads torch._dynamo at its first use, a slow import: here, before the run's clocks start
     importlib.import_module("torch._dynamo")
     try:
         manager.begin_run(run, model, name=name, example=train.x[:64], log_dir=log_dir, resume=resume)

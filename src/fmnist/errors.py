@@ -39,3 +39,9 @@ class Terminated(BaseException):
     def __init__(self, signum: int):
         self.signum = signum
         super().__init__(signum)
+
+
+def first_line(e: BaseException) -> str:
+    """``e``'s message reduced to what one line of an error can hold: its first line, else its type's name."""
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import PipelineError
+from .errors import PipelineError, first_line
 
 SOURCE = Path(__file__).parent / "csrc" / "convpool.cpp"
 LAYERS = {(1, 5, 28), (5, 12, 12)}  # (in channels, out channels, image size) the operator is built for
@@ -73,7 +73,7 @@ def _load() -> _Library:
                         "the fused CPU kernel is not built (needs a C++ compiler: install g++ and run make, "
                         f"or pip install --no-build-isolation -e .); {OR_TORCH}")
     except ImportError as err:  # e.g. an undefined symbol: built against another torch
-        why = str(err).splitlines()[0] if str(err) else type(err).__name__
+        why = first_line(err)
         return _Library(False, f"does not load ({why})",
                         f"the fused CPU kernel does not load ({why}): {REBUILD}; {OR_TORCH}")
     if not SOURCE.is_file():

@@ -2,22 +2,25 @@
 
 Training hyperparameters live at the top level of params.yaml (so that ``dvc exp run -S lr=0.02``
 works as written); the data split lives under ``data:`` and the sweep grid under ``sweep:``.
-Every error is a :class:`ParamsError` whose message names the key and what is allowed.
+Every error is a :class:`ParamsError` whose message names the key and what is allowed. The file is
+read with ruamel.yaml's safe loader, as DVC reads it, so a value here is the value ``dvc params diff``
+and ``dvc exp show`` show (YAML 1.2: ``1e-3`` is a float, ``yes`` a string, ``017`` seventeen).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from ruamel.yaml import YAML, YAMLError
+from ruamel.yaml.constructor import DuplicateKeyError
 
-from .errors import ParamsError
+from .errors import ParamsError, first_line
 
 SECTIONS = ("data", "sweep")
 
@@ -97,119 +100,37 @@ OTHER_KEYS = ("sweep_workers",)
 
 
 def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
-    kind, allowed = f.metadata["kind"], f.metadata["allowed"]
-    bad = ParamsError(f"params.yaml: {key} must be {allowed}, got {value!r}")
-    if value is None:
-        if f.default is None:
-            return None
-        raise bad
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise bad
-    elif kind is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad
-    elif kind is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise bad
-        value = float(value)
-    elif kind is str:
-        if not isinstance(value, str):
-            raise bad
-    if not f.metadata["check"](value):
-        raise bad
-    return value
+    """``value`` if it has field ``f``'s type and passes its check; an int counts as a float, a bool as neither."""
+    if value is None and f.default is None:
+        return None
+    kind = f.metadata["kind"]
+    number = kind is float and type(value) is int and abs(value) <= sys.float_info.max  # beyond it float() overflows
+    checked = float(value) if number else value
+    if type(checked) is not kind or (kind is float and not math.isfinite(checked)) or not f.metadata["check"](checked):
+        raise ParamsError(f"params.yaml: {key} must be {f.metadata['allowed']}, got {value!r}")
+    return checked
 
 
 def _build(cls, values: Mapping[str, Any], prefix: str = ""):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ParamsError(
-            f"params.yaml: unknown key '{prefix}{unknown[0]}' (known: {', '.join(fields)})"
-        )
+        raise ParamsError(f"params.yaml: unknown key '{prefix}{unknown[0]}' (known: {', '.join(fields)})")
     return cls(**{k: _coerce(prefix + k, v, fields[k]) for k, v in values.items()})
 
 
-_CORE = "tag:yaml.org,2002:"
-# ruamel.yaml's YAML 1.2 patterns for plain scalars (ruamel/yaml/resolver.py, the (1, 2) entries, in its order):
-# (tag, pattern, the first characters it can start with)
-_YAML12_SCALARS = (
-    ("bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
-    ("float", r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-                   |[-+]?\.[0-9_]+(?:[eE][-+][0-9]+)?
-                   |[-+]?\.(?:inf|Inf|INF)
-                   |\.(?:nan|NaN|NAN))$""", "-+0123456789."),
-    ("int", r"""^(?:[-+]?0b[0-1_]+
-                 |[-+]?0o?[0-7_]+
-                 |[-+]?[0-9_]+
-                 |[-+]?0x[0-9a-fA-F_]+)$""", "-+0123456789"),
-    ("null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
-)
-
-
-def _yaml12_resolvers() -> dict:
-    """SafeLoader's implicit resolvers with YAML 1.1's bool, int, float and null patterns replaced by 1.2's."""
-    replaced = {_CORE + tag for tag, _, _ in _YAML12_SCALARS}
-    table = {
-        first: [(tag, rx) for tag, rx in resolvers if tag not in replaced]  # keeps timestamps, merge keys, ...
-        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-    }
-    for tag, pattern, firsts in _YAML12_SCALARS:
-        for first in firsts:
-            table.setdefault(first, []).append((_CORE + tag, re.compile(pattern, re.X)))
-    return table
-
-
-def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
-    """An int as YAML 1.2 writes it: ``0b``, ``0o`` and ``0x`` prefixes; a leading ``0`` alone is decimal."""
-    text = loader.construct_scalar(node)
-    value = text.replace("_", "")
-    sign = -1 if value[:1] == "-" else 1
-    digits = value.lstrip("+-")
-    base = {"0b": 2, "0o": 8, "0x": 16}.get(digits[:2], 10)
-    try:
-        return sign * int(digits[2:] if base != 10 else digits, base)
-    except ValueError:
-        raise yaml.constructor.ConstructorError(None, None, f"not an integer: {text!r}", node.start_mark) from None
-
-
-class Yaml12Loader(yaml.SafeLoader):
-    """PyYAML's safe loader reading plain scalars as YAML 1.2, the way DVC (ruamel.yaml) reads params.yaml.
-
-    PyYAML implements YAML 1.1, where ``1e-3`` is a string, ``yes``/``on`` are booleans, ``017``
-    is octal and ``1:20`` is sexagesimal 80; DVC reads the same file as 1.2 (``0.001``, ``'yes'``,
-    ``17``, ``'1:20'``). The patterns are ruamel.yaml's, which unlike the strict 1.2 core schema
-    also allow ``_`` between digits; a key given twice is an error, as in DVC.
-    """
-
-    yaml_implicit_resolvers = _yaml12_resolvers()
-    yaml_constructors = {**yaml.SafeLoader.yaml_constructors, _CORE + "int": _construct_int}
-
-    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
-        if isinstance(node, yaml.MappingNode):
-            seen = set()
-            for key, _ in node.value:
-                if isinstance(key, yaml.ScalarNode) and key.tag != _CORE + "merge":
-                    if (key.tag, key.value) in seen:
-                        line = key.start_mark.line + 1
-                        raise yaml.constructor.ConstructorError(
-                            None, None, f"key {key.value!r} given twice (line {line})", key.start_mark
-                        )
-                    seen.add((key.tag, key.value))
-        return super().construct_mapping(node, deep=deep)
-
-
 def load(path: str | Path = "params.yaml") -> dict[str, Any]:
-    """Read params.yaml as DVC reads it (YAML 1.2) and reject top-level keys that no stage knows."""
+    """Read params.yaml as DVC reads it and reject top-level keys that no stage knows."""
     path = Path(path)
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=Yaml12Loader)  # noqa: S506 (a SafeLoader)
+        raw = YAML(typ="safe").load(path.read_text(encoding="utf-8"))  # DVC's parse_yaml, a key given twice included
     except FileNotFoundError:
         raise ParamsError(f"{path}: file not found") from None
-    except yaml.YAMLError as e:
-        raise ParamsError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except DuplicateKeyError as e:  # its message is several lines and its first is not the key
+        key = e.problem.partition(" with value")[0]  # the value may span lines
+        raise ParamsError(f"{path}: not valid YAML ({key}, line {e.problem_mark.line + 1})") from None
+    except YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML ({first_line(e)})") from None
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping of keys to values")

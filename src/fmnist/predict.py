@@ -8,9 +8,8 @@ background. A picture of any size, colour or format that Pillow reads is prepare
 2. inverted when the background is light, judged from the median of the border pixels
    (``invert="auto"``; ``"yes"`` and ``"no"`` override it);
 3. cropped to the item: the rows and columns that hold any pixel far from the background. An item
-   in the middle of a wide photo would otherwise shrink: 1,000 test images that the trained
-   model classifies correctly, each enlarged to 60x60 in a 90x60 picture, kept their class 57%
-   of the time uncropped and 98% cropped (measured);
+   in the middle of a wide photo would otherwise shrink to a sliver of the 28x28 input and lose
+   its class (docs/command.md has the measurement);
 4. padded to a square with the background's value, the item centred, aspect ratio kept;
 5. resized to 28x28 (Lanczos).
 
@@ -33,7 +32,7 @@ import torch
 from PIL import Image, ImageOps
 
 from . import CLASSES
-from .errors import DataError
+from .errors import DataError, first_line
 from .fileio import os_reason
 
 SIZE = 28  # the training images' side, in pixels
@@ -183,7 +182,7 @@ def read_picture(path: str | Path, invert: str = "auto", crop: bool = True) -> P
     except OSError as e:  # permission denied, a truncated or corrupt file
         raise DataError(f"{path}: cannot read the image ({os_reason(e)})") from None
     except (SyntaxError, ValueError, EOFError) as e:  # what some of Pillow's decoders raise for broken files
-        raise DataError(f"{path}: cannot read the image ({type(e).__name__}: {e})") from None
+        raise DataError(f"{path}: cannot read the image ({type(e).__name__}: {first_line(e)})") from None
     if gray.size == 0:
         raise DataError(f"{path}: the image has no pixels")
     pixels, inverted = prepare(gray, invert, crop)

@@ -14,6 +14,7 @@ DVC 3; its maintainers leave resuming to the training code, which is this module
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import logging
 import os
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .errors import first_line
 from .fileio import atomic_path
 
 log = logging.getLogger(__name__)
@@ -45,20 +47,43 @@ def digest_files(paths: Iterable[str | os.PathLike], root: str | os.PathLike | N
     return h.hexdigest()
 
 
-# The fmnist command's modules, which no stage imports (.dvcignore keeps them out of the stages'
-# dependencies too): editing them changes no training.
-NOT_TRAINING = ("commands.py", "doctor.py", "predict.py")
+def _imports(path: Path) -> set[str]:
+    """The modules of this package that the file ``path`` imports, anywhere in its code."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names = [a.name.split(".")[1] for a in node.names if a.name.startswith(f"{PACKAGE.name}.")]
+        elif isinstance(node, ast.ImportFrom) and (node.level or node.module == PACKAGE.name):
+            names = [node.module.split(".")[0]] if node.level and node.module else [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(f"{PACKAGE.name}."):
+            names = [node.module.split(".")[1]]
+        else:
+            continue
+        found |= {name for name in names if (PACKAGE / f"{name}.py").is_file()}
+    return found
 
 
-def training_sources() -> list[Path]:
-    """The package's Python and C++ sources that a training runs."""
-    return sorted(p for p in PACKAGE.rglob("*") if p.suffix in (".py", ".cpp") and "__pycache__" not in p.parts
-                  and p.relative_to(PACKAGE).as_posix() not in NOT_TRAINING)
+def stage_sources(stage_script: str | os.PathLike) -> list[Path]:
+    """The stage script, then every file of this package it runs: the modules it imports, directly or
+    through each other (read from the code, so imports inside functions count), the package's
+    ``__init__.py``, and the fused kernel's C++ sources when :mod:`fmnist.kernels` is among them.
+    What a stage's results depend on: its resume fingerprint, and its ``deps`` in dvc.yaml."""
+    seen: set[str] = set()
+    todo = _imports(Path(stage_script))
+    while todo:
+        name = todo.pop()
+        seen.add(name)
+        todo |= _imports(PACKAGE / f"{name}.py") - seen
+    files = [PACKAGE / "__init__.py", *(PACKAGE / f"{name}.py" for name in seen)]
+    if "kernels" in seen:
+        files += [p for p in (PACKAGE / "csrc").iterdir() if p.is_file()]
+    return [Path(stage_script), *sorted(files)]
 
 
 def code_digest(stage_script: str | os.PathLike) -> str:
-    """The training's sources and the stage's own script."""
-    both = digest_files(training_sources(), root=PACKAGE) + digest_files([stage_script])
+    """SHA-256 over :func:`stage_sources` (the package's files named relative to it)."""
+    script, *package = stage_sources(stage_script)
+    both = digest_files(package, root=PACKAGE) + digest_files([script])
     return hashlib.sha256(both.encode()).hexdigest()
 
 
@@ -109,7 +134,7 @@ class SavedState:
             payload = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as e:  # unreadable: a foreign or damaged file is not worth stopping for
             log.warning("%s: not a readable resume state (%s: %s); starting fresh", self.path, type(e).__name__,
-                        str(e).strip().splitlines()[0][:200] if str(e).strip() else "")
+                        first_line(e))
             return None
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             log.warning("%s: resume state of another format; starting fresh", self.path)
@@ -151,3 +176,32 @@ def restore(folder: str | os.PathLike, files: Mapping[str, torch.Tensor]) -> Non
             raise ValueError(f"resume state: unsafe file name {name!r}")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data.numpy().tobytes())
+
+
+def run_state(model: nn.Module, optimizer, scheduler, generator: torch.Generator, manager, epoch: int) -> dict:
+    """Everything the rest of a run depends on after ``epoch`` finished epochs (see :mod:`fmnist.resume`)."""
+    device = generator.device
+    return {
+        "epoch": epoch,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": None if scheduler is None else scheduler.state_dict(),
+        "generator": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "rows": manager.run_rows(),
+        "logs": snapshot(manager.log_dir) if manager.log_dir is not None else {},
+    }
+
+
+def restore_run_state(state: dict, model: nn.Module, optimizer, scheduler, generator: torch.Generator) -> int:
+    """Put a :func:`run_state` back; returns the number of epochs it had finished."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] is not None:
+        torch.cuda.set_rng_state(state["cuda_rng"], generator.device)
+    return state["epoch"]

@@ -21,13 +21,10 @@ fused kernel is built. So:
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
 import os
 import platform
-import tempfile
-import time
+import sys
 from pathlib import Path
 
 from .errors import ParamsError, PipelineError
@@ -107,7 +104,7 @@ def available_cores() -> int:
 
 
 def thread_independent(p, device_type: str) -> bool:
-    """Whether run ``p``'s bits are the same for any thread count (see the README, *Reproducibility*).
+    """Whether run ``p``'s bits are the same for any thread count (docs/reproducibility.md).
 
     On the CPU, the seed Network on the fused kernel with MKL in strict portable mode is; oneDNN's
     convolutions (fastnet, or the Network on PyTorch's layers) split their weight-gradient sums by
@@ -116,135 +113,6 @@ def thread_independent(p, device_type: str) -> bool:
     if device_type != "cpu":
         return True
     return p.model == "network" and p.cpu_kernel == "fused" and p.numerics == "portable" and p.precision != "bfloat16"
-
-
-def busy_seconds(cpus: set[int]) -> float | None:
-    """CPU seconds the machine has spent busy on ``cpus`` since boot (from /proc/stat), or None off Linux."""
-    try:
-        lines = Path("/proc/stat").read_text().splitlines()
-    except OSError:
-        return None
-    busy = 0
-    for line in lines:
-        name, *fields = line.split()
-        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
-            user, nice, system, idle, iowait, irq, softirq, steal = (int(f) for f in fields[:8])
-            busy += user + nice + system + irq + softirq + steal
-    return busy / os.sysconf("SC_CLK_TCK")
-
-
-def trainings_folder() -> Path:
-    """Where this user's trainings register (:class:`ThreadShare`): a folder only this user can enter."""
-    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
-    return Path(base) / f"fmnist-trainings-{os.getuid()}"
-
-
-class ThreadShare:
-    """This process's share of the machine's cores, given the trainings and other work running on it.
-
-    OpenMP threads that outnumber the free cores spin against each other: two trainings of two
-    threads each on two cores ran at 3% of one training's speed. So a run whose bits do not depend
-    on the thread count takes, before each epoch, the smaller of
-
-    - ``cores // trainings``: each fmnist training holds a lock on a file in this user's private
-      folder (:func:`trainings_folder`) and counts the locked files (a dead owner's lock vanishes
-      with it);
-    - the cores other processes left free during the last epoch: the machine's busy time on this
-      process's cores (/proc/stat) minus this process's own CPU time.
-
-    Any other run always uses every core, so that its bits stay what this machine gives them.
-    Use as a context manager around the training; :meth:`rebalance` before each epoch.
-    """
-
-    def __init__(self, cores: int | None = None, folder: str | os.PathLike | None = None):
-        self.cores = cores or available_cores()
-        self.folder = Path(folder or trainings_folder())
-        self._file = None
-        self._path: Path | None = None
-        try:
-            self._cpus = os.sched_getaffinity(0)
-        except AttributeError:
-            self._cpus = set()
-        self._last: tuple[float, float, float] | None = None  # (wall, machine busy, own CPU) seconds
-
-    def __enter__(self) -> ThreadShare:
-        try:
-            self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-            st = self.folder.stat()
-            if st.st_uid != os.getuid() or st.st_mode & 0o077:  # another user's, or theirs to write in
-                raise PermissionError(f"not a private folder of this user (owner {st.st_uid}, "
-                                      f"mode {st.st_mode & 0o777:o})")
-            staged = self.folder / f".{os.getpid()}.{os.urandom(4).hex()}"
-            f = open(staged, "w")
-            fcntl.flock(f, fcntl.LOCK_EX)
-            self._path = staged.with_name(staged.name[1:] + ".lock")
-            os.replace(staged, self._path)  # visible to others only once locked
-            self._file = f
-        except OSError as e:  # no shared folder: this training counts itself alone
-            log.warning("cannot register this training in %s (%s): it will not share cores", self.folder, e)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._file is not None:
-            self._path.unlink(missing_ok=True)
-            self._file.close()
-            self._file = None
-
-    def count(self) -> int:
-        """Trainings registered on this machine now, this one included (at least 1)."""
-        live = 0
-        try:
-            entries = list(self.folder.glob("*.lock"))
-        except OSError:
-            return 1
-        for path in entries:
-            try:
-                with open(path) as f:
-                    fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                live += 1
-            except OSError:
-                continue
-            else:  # nobody holds it: its training died without cleaning up
-                with contextlib.suppress(OSError):
-                    path.unlink()
-        return max(live, 1)
-
-    SAMPLE = 0.25  # seconds of /proc/stat the first measurement waits for: shorter is below its clock ticks
-
-    def others_load(self) -> float:
-        """Cores' worth of work other processes did on this process's cores since the last call.
-
-        The first call, with nothing to compare with, waits :attr:`SAMPLE` seconds and measures
-        those: a training that starts beside busy work does not take every core for its first epoch.
-        """
-        if self._last is None:
-            self._last = (time.monotonic(), busy_seconds(self._cpus), time.process_time())
-            time.sleep(self.SAMPLE)
-        busy = busy_seconds(self._cpus)
-        now = (time.monotonic(), busy, time.process_time())
-        last, self._last = self._last, now
-        if busy is None or last[1] is None or now[0] - last[0] < 0.2:  # too short to tell from clock ticks
-            return 0.0
-        return max(0.0, ((now[1] - last[1]) - (now[2] - last[2])) / (now[0] - last[0]))
-
-    def threads_for(self, follow: bool) -> int:
-        if not follow:
-            return self.cores
-        others = self.others_load()
-        free = self.cores - int(others + 0.5)  # a core mostly busy elsewhere is not free
-        return max(1, min(self.cores // self.count(), free))
-
-    def rebalance(self, p, device_type: str) -> int:
-        """Set torch's thread count for run ``p``: its share if its bits allow, else every core."""
-        import torch
-
-        threads = self.threads_for(thread_independent(p, device_type))
-        if threads != torch.get_num_threads():
-            log.info("%d thread(s) for this process (%d cores; %d training(s) running)", threads, self.cores,
-                     self.count())
-            torch.set_num_threads(threads)
-        return threads
 
 
 # Packages besides torch whose code writes an output's bytes: their versions are in every run's record.
@@ -270,7 +138,6 @@ def environment(p, device, cores: int) -> dict:
     import torch
 
     from . import kernels
-    from .engine import compute_dtype
     from .models import cpu_kernel_on
 
     independent = thread_independent(p, device.type)
@@ -309,14 +176,69 @@ def machine(device, cores: int) -> dict:
     return info
 
 
+def resolve_device(name: str, setting: str = "params.yaml: device") -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; ``cuda`` without a GPU is an error naming ``setting``."""
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ParamsError(f"{setting} is 'cuda' but no CUDA GPU is available (use auto or cpu)")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def make_deterministic() -> None:
+    """Process-wide settings for bit-identical reruns; entry points call this once, first thing."""
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    # torch.use_deterministic_algorithms also sets torch._inductor.config.deterministic, and importing
+    # that config loads torch.compile's whole stack (inductor, dynamo) at every stage's start, for a
+    # compiler no stage runs (docs/performance.md, start-up). So the switch is set directly
+    # (the same call the public function makes); the compiler's flag too if it is loaded already,
+    # and again by torch itself if a caller later uses the public API. Not warn_only: an operation
+    # with no deterministic implementation is an error, not a warning, where the same bits are
+    # promised (fmnist.stage turns it into one line).
+    if hasattr(torch._C, "_set_deterministic_algorithms"):
+        torch._C._set_deterministic_algorithms(True, warn_only=False)
+        if "torch._inductor.config" in sys.modules:
+            sys.modules["torch._inductor.config"].deterministic = True
+    else:  # a PyTorch without the private switch: the public call, at its cost
+        torch.use_deterministic_algorithms(True)
+    # ...which by default also fills every new tensor from torch.empty with NaN, guarding against
+    # kernels that read memory they never wrote. None of ours do, and the fills are a cost on every
+    # training step, so they are off.
+    torch.utils.deterministic.fill_uninitialized_memory = False
+
+
+def compute_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
+    """The dtype convolutions and matrix products run in for params.yaml's ``precision`` on ``device``.
+
+    ``auto``: bfloat16 on CUDA (tensor cores, half the activation traffic), float32 on the CPU.
+    """
+    import torch
+
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[precision]
+
+
+def autocast(device: torch.device, precision: str = "auto"):
+    """Autocast to :func:`compute_dtype` (a no-op for float32): weights, BatchNorm and the loss stay float32."""
+    import torch
+
+    dtype = compute_dtype(device, precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
 def configure(p) -> "torch.device":  # noqa: F821
     """Everything a stage sets before its first tensor: numerics, deterministic algorithms, device.
 
     ``p``: the run's :class:`~fmnist.params.TrainParams`. Returns the device it runs on.
     """
     pin_numerics(p.numerics)
-    from .engine import make_deterministic, resolve_device
-
     make_deterministic()
     device = resolve_device(p.device)
     check_precision(p, device)

@@ -7,7 +7,7 @@ not fight over the cores. A worker trains its run with :func:`fmnist.engine.trai
 a sequential sweep does, into the same staging folder, and returns the run's rows; this process
 puts the table together in grid order. A run's bits therefore depend only on its parameters and
 its thread count, and not even on that for runs that are thread-count independent (see
-:func:`fmnist.runtime.thread_independent`): those follow :class:`~fmnist.runtime.ThreadShare` as
+:func:`fmnist.runtime.thread_independent`): those follow :class:`~fmnist.threadshare.ThreadShare` as
 in a sequential sweep, the others keep ``cores // W`` threads throughout.
 
 Resuming (:mod:`fmnist.resume`): the saved state holds every finished run (its rows and its
@@ -41,7 +41,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from . import resume, runtime
+from . import resume, runtime, threadshare
 from .data import load_processed
 from .engine import final_metrics, to_device, train_run
 from .errors import PipelineError
@@ -102,7 +102,7 @@ def _sequential(runs, configs, data_dir, staging: Path, state, saved, device, pr
     train, val = (to_device(s, data.mean, data.std, device) for s in (data.train, data.val))
     finished, current = saved["finished"], saved["current"]
     manager = RunManager(log_root=staging)
-    with runtime.ThreadShare() as threads:
+    with threadshare.ThreadShare() as threads:
         for i, (run, p) in enumerate(zip(runs, configs), 1):
             name = run_name(run)
             if i in finished:  # done before an interruption: its rows and logs are put back as they were
@@ -224,7 +224,7 @@ def train_in_worker(
     manager = RunManager(log_root=staging, stream=sys.stderr)  # the worker's own stream, not the default
     manager.run_count = i - 1  # the live table and the rows number runs in grid order, as a sequential sweep does
     # a thread-independent run follows the cores free, as in a sequential sweep; any other keeps its share
-    share = runtime.ThreadShare() if runtime.thread_independent(p, device.type) else contextlib.nullcontext()
+    share = threadshare.ThreadShare() if runtime.thread_independent(p, device.type) else contextlib.nullcontext()
     with share as follow:
         train_run(p, train, val, manager, run=run, threads=follow, resume=resume_state)
     return manager.run_rows()

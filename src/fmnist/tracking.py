@@ -20,82 +20,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .fileio import atomic_path, write_json
+from .fileio import write_csv, write_json
+from .tensorboard_logs import add_histogram, freeze_logs, image_grid
 
 log = logging.getLogger(__name__)
 
 TIMINGS = ("epoch_duration", "run_duration")  # the table's wall-clock columns: never in files kept in git
-
-
-def freeze_logs(folder: str | Path) -> None:
-    """Make the TensorBoard logs under ``folder`` a function of the run alone, so that DVC hashes them the same.
-
-    TensorBoard stamps every event with the wall-clock time, names each file after the time, host
-    and process, dates the hparams session and writes the graph's maps in no fixed order. Each
-    file is rewritten with every event's time set to its step (the epoch; TensorBoard's *Relative*
-    axis then counts epochs), the hparams dates removed, the graph in a fixed order and a fixed
-    name. Run times stay in the sweep's runs.csv, which nothing hashes.
-    """
-    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
-    from tensorboard.compat.proto import event_pb2, graph_pb2
-    from tensorboard.plugins.hparams import plugin_data_pb2
-    from tensorboard.summary.writer.record_writer import RecordWriter
-
-    for run_dir in sorted({f.parent for f in Path(folder).rglob("*tfevents*")}):
-        paths = sorted(run_dir.glob("*tfevents*"), key=_creation_order)
-        events = []
-        for path in paths:  # a resumed run has two or more files: merged into one, in order
-            for record in RawEventFileLoader(str(path)).Load():
-                event = event_pb2.Event.FromString(record)
-                if event.HasField("file_version") and events:
-                    continue  # each file starts with one; a single file keeps only the first
-                event.wall_time = float(event.step)
-                if event.HasField("graph_def"):  # serialised with its maps in no fixed order
-                    graph = graph_pb2.GraphDef.FromString(event.graph_def)
-                    event.graph_def = graph.SerializeToString(deterministic=True)
-                for value in event.summary.value:
-                    if value.metadata.plugin_data.plugin_name == "hparams":
-                        data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
-                        if data.HasField("session_start_info"):
-                            data.session_start_info.start_time_secs = 0.0
-                        if data.HasField("session_end_info"):
-                            data.session_end_info.end_time_secs = 0.0
-                        value.metadata.plugin_data.content = data.SerializeToString(deterministic=True)
-                events.append(event.SerializeToString(deterministic=True))
-        target = run_dir / "events.out.tfevents.0000000000.fmnist"
-        with atomic_path(target) as tmp, open(tmp, "wb") as f:
-            writer = RecordWriter(f)
-            for event in events:
-                writer.write(event)
-        for path in paths:
-            if path != target:
-                path.unlink()
-
-
-def _creation_order(path: Path) -> tuple[int, int]:
-    """Sort key of an event file: TensorBoard names it ``events.out.tfevents.<seconds>.<host>.<pid>.<n>``,
-    ``n`` counting the process's writers (a run's hparams go to a second writer, a resumed run's
-    events to a file of a later process)."""
-    parts = path.name.split(".")
-    seconds = int(parts[3]) if len(parts) > 3 and parts[3].isdigit() else 0
-    return seconds, int(parts[-1]) if parts[-1].isdigit() else -1
-
-
-def image_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2) -> torch.Tensor:
-    """Gray images [N, 1, H, W] as one RGB picture [3, rows * (H + p) + p, nrow * (W + p) + p], scaled to [0, 1].
-
-    torchvision's ``make_grid(images, nrow, padding, normalize=True)``, pixel for pixel: importing
-    torchvision for it loads torch.compile's stack and costs a process 1.4 s (measured).
-    """
-    n, _, h, w = images.shape
-    low, high = float(images.min()), float(images.max())
-    scaled = images.clamp(low, high).sub(low).div(max(high - low, 1e-5))
-    cols, rows = min(nrow, n), -(-n // nrow)
-    grid = images.new_zeros((3, rows * (h + padding) + padding, cols * (w + padding) + padding))
-    for k in range(n):
-        y, x = padding + (k // nrow) * (h + padding), padding + (k % nrow) * (w + padding)
-        grid[:, y : y + h, x : x + w] = scaled[k]
-    return grid
 
 
 class RunBuilder:
@@ -143,7 +73,7 @@ class RunManager:
         """Start recording ``run`` (a named tuple) of ``network``; ``example`` (a batch) draws the graph and an image grid.
 
         TensorBoard writes to ``log_dir`` if given, else to ``log_root/<name>``. ``resume``: the
-        state of this run cut short (:func:`fmnist.engine.run_state`): its rows and TensorBoard
+        state of this run cut short (:func:`fmnist.resume.run_state`): its rows and TensorBoard
         events are put back and the run goes on from its last epoch.
         """
         self.run_start_time = time.perf_counter()
@@ -259,22 +189,10 @@ class RunManager:
             self.tb.add_scalar("Accuracy/val", row["val_accuracy"], e)
         if self.histograms:
             for name, param in self.network.named_parameters():
-                self._histogram(name, param, e)
+                add_histogram(self.tb, name, param, e)
                 if param.grad is not None:
-                    self._histogram(f"{name}.grad", param.grad, e)
+                    add_histogram(self.tb, f"{name}.grad", param.grad, e)
         self.tb.flush()
-
-    def _histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
-        """``add_histogram``'s buckets, with exactly rounded sums: TensorBoard's own sum of squares is a
-        BLAS dot product, whose last bit depends on the thread count and the CPU."""
-        import math
-
-        from torch.utils.tensorboard.summary import make_histogram
-
-        v = values.detach().double().cpu().numpy().ravel()
-        h = make_histogram(v, self.tb.default_bins)
-        self.tb.add_histogram_raw(tag, h.min, h.max, h.num, math.fsum(v.tolist()), math.fsum((v * v).tolist()),
-                                  list(h.bucket_limit), list(h.bucket), step)
 
     # -- the live table -------------------------------------------------------------------
     _FMT = "{run:>4} {epoch:>5} {loss:>8.4f} {accuracy:>8.2%} {val_loss:>9} {val_accuracy:>8} {epoch_duration:>7.1f}s {run_duration:>8.1f}s  {name}"
@@ -294,13 +212,14 @@ class RunManager:
         return [r for r in self.run_data if r["run"] == self.run_count]
 
     def dataframe(self) -> "pd.DataFrame":  # noqa: F821
-        import pandas as pd  # here: a stage that only trains need not load it
+        """Every row as a pandas DataFrame, as the seed's RunManager gives it (for notebooks; no stage uses it)."""
+        import pandas as pd
 
         return pd.DataFrame.from_records(self.run_data)
 
     def save(self, file_name: str | Path) -> None:
         """Write every row to ``<file_name>.csv`` and ``<file_name>.json``, atomically."""
         file_name = Path(file_name)
-        with atomic_path(file_name.with_suffix(".csv")) as tmp:
-            self.dataframe().to_csv(tmp, index=False)
+        columns = list(dict.fromkeys(k for row in self.run_data for k in row))
+        write_csv(file_name.with_suffix(".csv"), self.run_data, columns)
         write_json(file_name.with_suffix(".json"), self.run_data)

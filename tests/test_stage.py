@@ -1,4 +1,4 @@
-"""cli.run and the stages under faults: one line and exit status 1 for a file-system error, 130/143
+"""stage.run and the stages under faults: one line and exit status 1 for a file-system error, 130/143
 for SIGINT/SIGTERM, and no temporary file or folder left behind, even after kill -9."""
 
 import ctypes
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fmnist import cli
+from fmnist import stage
 from fmnist.errors import DataError
 
 from .conftest import ROOT, outputs, write_raw
@@ -40,11 +40,11 @@ def digests(folder: Path) -> dict[str, str]:
 
 def exit_status(main) -> int:
     with pytest.raises(SystemExit) as info:
-        cli.run(main)
+        stage.run(main)
     return info.value.code
 
 
-# cli.run in this process
+# stage.run in this process
 
 
 def test_a_pipeline_error_is_one_line_and_status_1(capsys):
@@ -57,10 +57,10 @@ def test_a_pipeline_error_is_one_line_and_status_1(capsys):
 
 def test_an_operation_without_a_deterministic_implementation_is_refused_in_one_line():
     """Where the same bits are promised, PyTorch's nondeterministic operations are errors, not warnings."""
-    code = ("import torch\nfrom fmnist import cli\nfrom fmnist.engine import make_deterministic\n"
+    code = ("import torch\nfrom fmnist import stage\nfrom fmnist.runtime import make_deterministic\n"
             "def main():\n    make_deterministic()\n"
             "    torch.zeros(3).put_(torch.tensor([0, 0]), torch.tensor([1.0, 2.0]))\n"
-            "cli.run(main)\n")
+            "stage.run(main)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.splitlines() == ["error: put_ has no deterministic implementation in PyTorch on this device, "
@@ -80,12 +80,12 @@ def test_a_programming_error_keeps_its_traceback():
         raise TypeError("a bug")
 
     with pytest.raises(TypeError, match="a bug"):
-        cli.run(main)
+        stage.run(main)
 
 
 SELF_TERMINATING = """
 import os, signal, sys, time
-from fmnist import cli
+from fmnist import stage
 
 sig = signal.Signals[sys.argv[1]]
 signal.signal(sig, signal.SIG_DFL)  # as in a terminal: a test run under nohup would pass SIGHUP ignored
@@ -100,7 +100,7 @@ def main():
 
 before = signal.getsignal(sig)
 try:
-    cli.run(main)
+    stage.run(main)
 finally:
     print("handler put back:", signal.getsignal(sig) == before)
 """
@@ -115,7 +115,7 @@ def test_a_stop_signal_gets_past_except_exception_and_ends_with_128_plus_its_num
 def test_an_ignored_sigterm_stays_ignored(capsys):
     previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as under nohup-like supervisors
     try:
-        cli.run(lambda: os.kill(os.getpid(), signal.SIGTERM))
+        stage.run(lambda: os.kill(os.getpid(), signal.SIGTERM))
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert capsys.readouterr().err == ""
@@ -251,10 +251,10 @@ def test_after_kill_9_the_next_run_removes_the_dead_runs_staging_folder_only(tmp
 
 
 def test_the_exceptions_behind_a_one_line_error_are_logged_and_shown_when_verbose(tmp_path):
-    code = ("from fmnist import cli\nfrom fmnist.errors import DataError\n"
+    code = ("from fmnist import stage\nfrom fmnist.errors import DataError\n"
             "def main():\n    try:\n        {}['deep']\n    except KeyError:\n"
             "        raise DataError('m.pt: not a checkpoint') from None\n"
-            "cli.run(main)\n")
+            "stage.run(main)\n")
     env = {**os.environ, "XDG_STATE_HOME": str(tmp_path)}
     env.pop("FMNIST_VERBOSE", None)
     quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
