@@ -1,5 +1,7 @@
 import builtins
 import gzip
+import hashlib
+import io
 import os
 import re
 import http.server
@@ -8,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
@@ -173,6 +176,23 @@ def test_hash_mismatch_names_file_source_and_both_hashes_and_writes_nothing(tmp_
     assert "\n" not in msg
     assert not (tmp_path / "raw").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["fake"]  # no staging folder left behind
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_sha256_check_covers_each_file_and_a_mismatch_leaves_no_output(mirror, tmp_path, name):
+    """One bit of one file's content flipped, as a valid gzip of the right size: only the hash can tell."""
+    content = bytearray(gzip.decompress((mirror / name).read_bytes()))
+    content[-1] ^= 1
+    key = name.split("-idx")[0].replace("t10k", "test").replace("-", "_")
+    folder = mirror_with(mirror, tmp_path / "copy", **{key: gzip.compress(bytes(content), compresslevel=1)})
+    with pytest.raises(DataError) as e:
+        extract(tmp_path / "raw", [Source(str(folder))])
+    digest = hashlib.sha256(content).hexdigest()
+    assert str(e.value) == (
+        f"{name}: SHA-256 mismatch for the file from {folder / name} (expected {SHA256[name]}, got {digest})"
+    )
+    assert not (tmp_path / "raw").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["copy"]  # no staging folder left behind
 
 
 @pytest.mark.parametrize(
@@ -408,6 +428,15 @@ def test_redirect_from_http_to_http_is_followed(mirror, tmp_path):
     assert state["requests"] == served["requests"] == 4
     assert all(o.startswith(url) for o in origins.values())
     assert all((tmp_path / "raw" / f).read_bytes() == (mirror / f).read_bytes() for f in FILES)
+
+
+def test_redirect_from_https_to_plain_http_is_refused():
+    """A download that starts over https never continues in the clear (the handler, without a TLS server)."""
+    req = urllib.request.Request("https://mirror.example/train-images-idx3-ubyte.gz")
+    with pytest.raises(extract_module._Refused) as e:
+        extract_module._Redirects().http_error_302(req, io.BytesIO(), 302, "Found",
+                                                   {"location": "http://mirror.example/x.gz"})
+    assert str(e.value) == "redirected to http://mirror.example/x.gz, which is not an https URL"
 
 
 def test_redirect_loop_is_cut_after_five_redirects(tmp_path):
