@@ -60,19 +60,17 @@ def same_tree(a: Path, b: Path, skip=()) -> None:
         assert filecmp.cmp(a / name, b / name, shallow=False), name
 
 
-
-
-def test_killed_train_resumes_to_the_same_bits(tmp_path, processed_full):
+def test_killed_train_resumes_to_the_same_bits(tmp_path, processed_small):
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"epochs": 3, "batch_size": 100}))
+    params.write_text(yaml.safe_dump({"epochs": 8, "batch_size": 100}))  # epochs enough to be killed mid-run
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    finish(start("train", whole, processed_full, params))
+    finish(start("train", whole, processed_small, params))
 
-    proc = start("train", cut, processed_full, params)
+    proc = start("train", cut, processed_small, params)
     kill_when(proc, lambda: (cut / "state" / "train.pt").exists())
     assert not (cut / "model.pt").exists()
-    log = finish(start("train", cut, processed_full, params))
-    assert "resumed after epoch" in log and "resumed after epoch 3" not in log
+    log = finish(start("train", cut, processed_small, params))
+    assert "resumed after epoch" in log and "resumed after epoch 8" not in log
 
     # the checkpoint (weights, metrics, per-epoch history) and the TensorBoard events (scalars,
     # histograms, graph) bit for bit; the killed run's staging folder is gone and the state file
@@ -82,20 +80,18 @@ def test_killed_train_resumes_to_the_same_bits(tmp_path, processed_full):
 
 
 
-
-
-def test_killed_sweep_redoes_only_unfinished_runs(tmp_path, processed_full):
+def test_killed_sweep_redoes_only_unfinished_runs(tmp_path, processed_small):
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"sweep_workers": 1, "sweep": {"lr": [0.01, 0.02], "epochs": [2]}},
+    params.write_text(yaml.safe_dump({"sweep_workers": 1, "sweep": {"lr": [0.01, 0.02], "epochs": [8]}},
                                       sort_keys=False))  # one run after another (two workers: test_sweep_parallel)
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    finish(start("sweep", whole, processed_full, params))
+    finish(start("sweep", whole, processed_small, params))
 
-    proc = start("sweep", cut, processed_full, params)
+    proc = start("sweep", cut, processed_small, params)
     log0 = cut / "log-0.txt"
     kill_when(proc, lambda: "   2     1 " in log0.read_text())  # run 2's first epoch ended
-    log = finish(start("sweep", cut, processed_full, params))
-    assert "sweep run 1/2: lr=0.01,epochs=2: finished earlier" in log
+    log = finish(start("sweep", cut, processed_small, params))
+    assert "sweep run 1/2: lr=0.01,epochs=8: finished earlier" in log
     assert "   1     1 " not in log  # run 1 was not trained again
     # runs.csv and runs.json keep the seed's table with its wall-clock durations: not compared
     same_tree(whole, cut, skip=("runs.csv", "runs.json", "log-0.txt", "log-1.txt", "log-2.txt"))

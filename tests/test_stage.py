@@ -7,7 +7,6 @@ import hashlib
 import os
 import re
 import resource
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from .conftest import ROOT, outputs, write_raw
 PR_CAPBSET_DROP, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 24, 1, 2  # <linux/prctl.h>, <linux/capability.h>
 
 
-def stage(name, *args):
+def stage_cmd(name, *args):
     return [sys.executable, str(ROOT / "stages" / f"{name}.py"), *map(str, args)]
 
 
@@ -128,7 +127,7 @@ def test_a_full_disk_during_transform_is_one_line_and_keeps_the_old_output(tmp_p
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"data": {"val_size": 100}}))
     out = tmp_path / "data" / "processed"
     write_raw(tmp_path / "raw", n_train=200, n_test=30)
-    cmd = stage("transform", "--raw", tmp_path / "raw", "--out", out, "--params", tmp_path / "params.yaml")
+    cmd = stage_cmd("transform", "--raw", tmp_path / "raw", "--out", out, "--params", tmp_path / "params.yaml")
     assert subprocess.run(cmd, capture_output=True, text=True).returncode == 0
     before = digests(out)
 
@@ -164,7 +163,7 @@ def test_a_folder_the_stage_may_not_write_is_one_line(tmp_path):
     locked.mkdir()
     locked.chmod(0o555)
     out = locked / "processed"
-    cmd = stage("transform", "--raw", tmp_path / "raw", "--out", out, "--params", tmp_path / "params.yaml")
+    cmd = stage_cmd("transform", "--raw", tmp_path / "raw", "--out", out, "--params", tmp_path / "params.yaml")
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=without_permission_override)
     except subprocess.SubprocessError as e:
@@ -180,7 +179,7 @@ def train_cmd(tmp_path, data, epochs):
     params = tmp_path / f"params-{epochs}.yaml"
     params.write_text(yaml.safe_dump({"epochs": epochs, "batch_size": 100, "cpu_kernel": "torch"}))
     out = tmp_path / "out"
-    return stage("train", "--data", data, "--params", params, *outputs("train", out, model="m.pt"))
+    return stage_cmd("train", "--data", data, "--params", params, *outputs("train", out, model="m.pt"))
 
 
 class Running:

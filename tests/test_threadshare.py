@@ -6,7 +6,6 @@ import sys
 import textwrap
 import time
 
-import pytest
 
 from fmnist import threadshare
 

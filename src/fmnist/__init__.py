@@ -1,17 +1,5 @@
-"""Reproducible Fashion-MNIST training: the ETL cycle, the seed's CNN and its tuning, as a library.
-
-Each DVC stage in ``stages/`` is a thin command-line entry point over these modules.
-"""
+"""Reproducible Fashion-MNIST training as a library; each DVC stage in ``stages/`` is a thin entry point over it."""
 
 CLASSES = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )

@@ -13,8 +13,6 @@ from .models import build_model, cpu_kernel_on
 from .params import TrainParams, train_params, training_values
 
 FORMAT = 2  # 2: with the training's metrics and history
-
-
 HISTORY = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy")  # the per-epoch columns a checkpoint keeps
 
 
@@ -22,34 +20,21 @@ def save_checkpoint(
     path: str | Path, model: nn.Module, p: TrainParams, mean: float, std: float, environment: dict | None = None,
     metrics: dict | None = None, history: list[dict] | None = None,
 ) -> None:
-    """Write the weights with what rebuilds and feeds them, the ``environment`` they were trained in,
-    the run's final ``metrics`` and its per-epoch ``history`` (the :data:`HISTORY` columns of each row).
-
-    The checkpoint is the training's one output besides its logs, so that DVC can restore a whole
-    training from its run-cache; the evaluate stage writes the figures it carries into git.
-    """
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    """Write the weights with what rebuilds and feeds them, the ``environment`` they were trained in, the final
+    ``metrics`` and the per-epoch ``history``: the training's one output besides its logs, for DVC's run-cache."""
     payload = {
-        "format": FORMAT,
-        "model": p.model,
-        "width": p.width,
-        "params": training_values(p),
-        "normalize": {"mean": mean, "std": std},
-        "environment": environment or {},
-        "metrics": metrics or {},
+        "format": FORMAT, "model": p.model, "width": p.width, "params": training_values(p),
+        "normalize": {"mean": mean, "std": std}, "environment": environment or {}, "metrics": metrics or {},
         "history": [{k: row[k] for k in HISTORY} for row in history or []],
-        "state_dict": state,
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
     }
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.save(payload, f)  # a file object, not a path: the archive's folder name is then fixed
 
 
 def read_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict:
-    """The checkpoint's contents, weights on ``device``; ``weights_only=True`` runs no pickled code.
-
-    No model is built and no kernel runs, so a caller can still pin the numerics the checkpoint
-    records (:func:`trained_params`) before its first tensor operation.
-    """
+    """The checkpoint's contents, weights on ``device``; ``weights_only=True`` runs no pickled code. No kernel
+    runs, so a caller can still pin the numerics it records (:func:`trained_params`) before the first one."""
     path = Path(path)
     try:
         payload = torch.load(path, map_location=device, weights_only=True)
@@ -86,12 +71,7 @@ def model_from(payload: dict, path: str | Path, device: torch.device | str = "cp
     return model, {k: v for k, v in payload.items() if k != "state_dict"}
 
 
-def load_checkpoint(
-    path: str | Path, device: torch.device | str = "cpu", cpu_kernel: str = "fused"
-) -> tuple[nn.Module, dict]:
-    """(model on ``device`` in eval mode, the checkpoint's metadata): :func:`read_checkpoint`, then :func:`model_from`.
-
-    ``cpu_kernel``: how the seed Network's conv layers run on the CPU (params.yaml's ``cpu_kernel``;
-    off the CPU PyTorch's layers run whatever it says).
-    """
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", cpu_kernel: str = "fused"
+                    ) -> tuple[nn.Module, dict]:
+    """(model on ``device`` in eval mode, metadata): :func:`read_checkpoint`, then :func:`model_from`."""
     return model_from(read_checkpoint(path, device), path, device, cpu_kernel)

@@ -1,8 +1,7 @@
-"""The ``fmnist`` command installed with the package: ``fmnist predict`` and ``fmnist doctor``.
+"""The ``fmnist`` command: ``fmnist predict`` and ``fmnist doctor``.
 
-Errors are one line, ``error: <file>: <what is wrong>``, on stderr, as the stages report them
-(:func:`fmnist.stage.run`). Exit status: 0 when everything worked; 1 when a picture or the model
-could not be read, or doctor found something that stops the pipeline; 2 for a bad command line.
+Errors are one line on stderr, as the stages report them (:func:`fmnist.stage.run`). Exit status: 0 when
+everything worked; 1 when a picture or the model could not be read, or doctor found a FAIL; 2 for a bad command line.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import stage
+from . import CLASSES, stage
 from .errors import PipelineError
 
 PREDICT_EXAMPLES = """\
@@ -22,12 +21,11 @@ examples:
   fmnist predict scan.png --invert no --json
   fmnist predict shirt.jpg --model models/other.pt --device cpu
 
-A folder stands for the image files directly in it (any format Pillow reads, by extension,
-sorted by name; subfolders are not searched). Each picture is made to look like the training
-images: grayscale, inverted if its background is light (judged from its border), cropped to
-the item, padded to a square, resized to 28x28. A 28x28 picture is taken as it is (inverted
-if need be). A file that cannot be classified gives one error line and exit status 1; the
-others are still classified.
+A folder stands for the image files directly in it (sorted by name; subfolders are not
+searched). Each picture is made to look like the training images: grayscale, inverted if its
+border is light, cropped to the item, padded to a square, resized to 28x28 (a 28x28 picture
+is only inverted, if need be). A file that cannot be classified gives one error line and exit
+status 1; the others are still classified.
 """
 
 DOCTOR_EXAMPLES = """\
@@ -43,15 +41,6 @@ the next step: the pipeline makes it) or FAIL (the default pipeline cannot run).
 """
 
 
-def _top(value: str) -> int:
-    from . import CLASSES
-
-    k = int(value) if value.isdigit() else 0
-    if not 1 <= k <= len(CLASSES):
-        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to {len(CLASSES)}, got {value!r}")
-    return k
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fmnist", description="Fashion-MNIST: classify pictures with the trained "
                                      "model, or check the installation.")
@@ -63,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                           epilog=PREDICT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     pred.add_argument("paths", nargs="+", metavar="IMAGE|FOLDER", help="picture files, or folders of them")
     pred.add_argument("--model", default="models/model.pt", help="checkpoint to use (default: %(default)s)")
-    pred.add_argument("--top", type=_top, default=3, metavar="K", help="classes to show per picture (default: 3)")
+    pred.add_argument("--top", type=int, choices=range(1, len(CLASSES) + 1), default=3, metavar="K",
+                      help="classes to show per picture (default: 3)")
     pred.add_argument("--invert", choices=("auto", "yes", "no"), default="auto",
                       help="make a light background dark: auto decides from the picture's border (default)")
     pred.add_argument("--no-crop", dest="crop", action="store_false",
@@ -127,14 +117,9 @@ def run_doctor(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """The console script: parse, run the subcommand under :func:`fmnist.stage.run`, return the exit status."""
     args = build_parser().parse_args(argv)
-    status = 0
-
-    def body() -> None:
-        nonlocal status
-        status = args.run(args)
-
-    stage.run(body)  # a PipelineError or OSError becomes one line and exit status 1; signals stop cleanly
-    return status
+    status: list[int] = []
+    stage.run(lambda: status.append(args.run(args)))  # an error is one line and exits 1; signals stop cleanly
+    return status[0]
 
 
 if __name__ == "__main__":

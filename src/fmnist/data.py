@@ -1,9 +1,4 @@
-"""Transform and Load: IDX decoding, the seeded train/validation split, and Datasets over the result.
-
-``data/processed/`` holds uint8 images (what the files hold, 55 MB in all) and int64 labels as
-``.npy`` files, the split as indices into the 60,000 training images, and ``meta.json`` with the
-normalisation statistics of the training split.
-"""
+"""Transform and Load: IDX decoding, the seeded train/validation split, and Datasets over ``data/processed``."""
 
 from __future__ import annotations
 
@@ -30,6 +25,7 @@ RAW_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
+ARRAYS = ("train_images", "train_labels", "test_images", "test_labels", "train_idx", "val_idx")
 
 
 def _header(buf: bytes, name: str, magic: int, ndim: int) -> list[int]:
@@ -58,21 +54,20 @@ def decode_labels(buf: bytes, name: str) -> np.ndarray:
     if len(buf) - 8 != n:
         raise DataError(f"{name}: header says {n} labels but the file holds {len(buf) - 8}")
     labels = np.frombuffer(buf, np.uint8, offset=8)
-    if n and labels.max() >= len(CLASSES):
-        i = int(np.argmax(labels >= len(CLASSES)))
-        raise DataError(f"{name}: label {labels[i]} at index {i} is outside 0..{len(CLASSES) - 1}")
+    bad = np.flatnonzero(labels >= len(CLASSES))
+    if bad.size:
+        raise DataError(f"{name}: label {labels[bad[0]]} at index {bad[0]} is outside 0..{len(CLASSES) - 1}")
     return labels.astype(np.int64)
 
 
 def read_idx_pair(raw_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Decode one split's image and label files, checking that their counts agree."""
     img_name, lbl_name = RAW_FILES[split]
-    paths = [raw_dir / img_name, raw_dir / lbl_name]
-    for p in paths:
-        if not p.is_file():
-            raise DataError(f"{p}: file not found (run the extract stage first)")
-    images = decode_images(gunzip(paths[0]), img_name)
-    labels = decode_labels(gunzip(paths[1]), lbl_name)
+    for name in (img_name, lbl_name):
+        if not (raw_dir / name).is_file():
+            raise DataError(f"{raw_dir / name}: file not found (run the extract stage first)")
+    images = decode_images(gunzip(raw_dir / img_name), img_name)
+    labels = decode_labels(gunzip(raw_dir / lbl_name), lbl_name)
     if len(images) != len(labels):
         raise DataError(f"{img_name} holds {len(images)} images but {lbl_name} holds {len(labels)} labels")
     return images, labels
@@ -93,9 +88,8 @@ def split_indices(n: int, p: DataParams) -> tuple[np.ndarray, np.ndarray]:
 
 def transform(raw_dir: str | Path, out_dir: str | Path, p: DataParams) -> dict:
     """Decode the raw files and write ``out_dir`` whole, or nothing at all."""
-    raw_dir = Path(raw_dir)
-    train_x, train_y = read_idx_pair(raw_dir, "train")
-    test_x, test_y = read_idx_pair(raw_dir, "test")
+    train_x, train_y = read_idx_pair(Path(raw_dir), "train")
+    test_x, test_y = read_idx_pair(Path(raw_dir), "test")
     train_idx, val_idx = split_indices(len(train_x), p)
     pixels = train_x[train_idx].astype(np.float64) / 255.0  # statistics of the training split only
     meta = {
@@ -106,11 +100,7 @@ def transform(raw_dir: str | Path, out_dir: str | Path, p: DataParams) -> dict:
         "split": {"val_size": p.val_size, "train_size": p.train_size, "split_seed": p.split_seed},
     }
     with atomic_dir(out_dir) as tmp:
-        for name, arr in {
-            "train_images": train_x, "train_labels": train_y,
-            "test_images": test_x, "test_labels": test_y,
-            "train_idx": train_idx, "val_idx": val_idx,
-        }.items():
+        for name, arr in zip(ARRAYS, (train_x, train_y, test_x, test_y, train_idx, val_idx)):
             np.save(tmp / f"{name}.npy", np.ascontiguousarray(arr), allow_pickle=False)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     log.info("transform: %(train)d train, %(val)d validation, %(test)d test images", meta["counts"])
@@ -127,8 +117,6 @@ class Split:
 
 @dataclass(frozen=True)
 class Processed:
-    """Everything the transform stage wrote, loaded."""
-
     train: Split
     val: Split
     test: Split
@@ -146,31 +134,24 @@ def _load(path: Path) -> np.ndarray:
 
 
 def load_processed(proc_dir: str | Path) -> Processed:
-    proc_dir = Path(proc_dir)
+    meta_path = Path(proc_dir) / "meta.json"
     try:
-        meta = json.loads((proc_dir / "meta.json").read_text())
+        meta = json.loads(meta_path.read_text())
         mean, std = float(meta["mean"]), float(meta["std"])
     except FileNotFoundError:
-        raise DataError(f"{proc_dir / 'meta.json'}: file not found (run the transform stage first)") from None
+        raise DataError(f"{meta_path}: file not found (run the transform stage first)") from None
     except (ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{proc_dir / 'meta.json'}: not valid transform metadata ({type(e).__name__}: {first_line(e)})") from None
-    arrays = {n: torch.from_numpy(_load(proc_dir / f"{n}.npy")) for n in (
-        "train_images", "train_labels", "test_images", "test_labels", "train_idx", "val_idx")}
-    full_x, full_y = arrays["train_images"], arrays["train_labels"]
-    return Processed(
-        train=Split(full_x[arrays["train_idx"]], full_y[arrays["train_idx"]]),
-        val=Split(full_x[arrays["val_idx"]], full_y[arrays["val_idx"]]),
-        test=Split(arrays["test_images"], arrays["test_labels"]),
-        mean=mean,
-        std=std,
-    )
+        raise DataError(f"{meta_path}: not valid transform metadata ({type(e).__name__}: {first_line(e)})") from None
+    a = {n: torch.from_numpy(_load(Path(proc_dir) / f"{n}.npy")) for n in ARRAYS}
+    x, y = a["train_images"], a["train_labels"]
+    return Processed(train=Split(x[a["train_idx"]], y[a["train_idx"]]), val=Split(x[a["val_idx"]], y[a["val_idx"]]),
+                     test=Split(a["test_images"], a["test_labels"]), mean=mean, std=std)
 
 
 class FashionMNIST(Dataset):
-    """The seed's Load step over ``data/processed``: items are (image float [1, 28, 28], label int).
+    """Items (image float [1, 28, 28] in [0, 1] as torchvision's ``ToTensor()`` gives, label int).
 
-    Pixels are scaled to [0, 1] exactly as torchvision's ``ToTensor()`` does; with
-    ``normalize=True`` they are further standardised with the training split's mean and std.
+    ``normalize=True`` standardises the pixels with the training split's mean and std.
     """
 
     def __init__(self, proc_dir: str | Path, split: str = "train", normalize: bool = False):
@@ -190,10 +171,7 @@ class FashionMNIST(Dataset):
 
 
 class TabularDataset(Dataset):
-    """The seed's custom ``Dataset``: a numeric 2-D array whose last column is the integer target.
-
-    Items are (features float32 [F], target int64 scalar).
-    """
+    """The seed's custom ``Dataset``: a 2-D array, last column the integer target; items (float32 [F], int64)."""
 
     def __init__(self, data):
         t = torch.as_tensor(np.asarray(data), dtype=torch.float32)

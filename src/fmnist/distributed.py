@@ -1,10 +1,8 @@
 """Data-parallel training on ``torch.distributed``: the same train stage as one process or as N.
 
-``processes: N`` in params.yaml makes the train stage start N copies of itself on this machine
-through PyTorch's own launcher (torchrun's, :mod:`torch.distributed.launcher`); ``torchrun``
-started by hand does the same across machines (``--nnodes``, c10d rendezvous). Every process
-trains :class:`~torch.nn.parallel.DistributedDataParallel` replicas on its shard of each global
-batch (gloo on the CPU, NCCL on CUDA with one GPU per process); only rank 0 writes outputs.
+``processes: N`` starts N copies of the stage through torchrun's launcher (or ``torchrun`` across
+machines); each trains a DistributedDataParallel replica on its shard of every batch (gloo on the
+CPU, NCCL on CUDA); only rank 0 writes outputs.
 """
 
 from __future__ import annotations
@@ -21,9 +19,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .errors import ParamsError, PipelineError, first_line
-
-log = logging.getLogger(__name__)
+from .errors import ParamsError, PipelineError, Terminated, first_line
 
 # A collective that waits longer than this has lost a peer: every process stops instead of hanging.
 TIMEOUT = timedelta(minutes=5)
@@ -61,11 +57,8 @@ def under_launcher() -> bool:
 
 
 def init(processes: int, device: torch.device) -> tuple[World, torch.device]:
-    """Join the process group torchrun set up; (this process's World, its device).
-
-    ``processes`` is params.yaml's: results depend on the process count, so it must be the world
-    size torchrun started (a declared parameter, not state DVC cannot see).
-    """
+    """Join the process group torchrun set up; (this process's World, its device). ``processes`` (params.yaml's)
+    must be torchrun's world size: results depend on it, so DVC must see it."""
     if not under_launcher():
         if processes != 1:
             raise PipelineError(f"processes is {processes} but this process was not started by a launcher")
@@ -84,19 +77,14 @@ def init(processes: int, device: torch.device) -> tuple[World, torch.device]:
 
 @contextlib.contextmanager
 def session(world: World) -> Iterator[None]:
-    """Run a process's share of the training; leave the process group at the end.
-
-    A collective that fails (a peer died, the network went away, the timeout passed) becomes one
-    line naming this process, not a traceback from inside gloo or NCCL: the launcher then stops
-    the others and names the first process that failed.
-    """
+    """Run a process's share of the training, then leave the process group; a failed collective (a peer
+    died, the timeout passed) becomes one line naming this process, not a traceback from gloo or NCCL."""
     try:
         yield
     except RuntimeError as e:  # DistBackendError and gloo's transport errors are RuntimeErrors
         if world.size == 1:
             raise
-        reason = first_line(e)
-        raise PipelineError(f"training process {world.rank} of {world.size}: {reason}") from e
+        raise PipelineError(f"training process {world.rank} of {world.size}: {first_line(e)}") from e
     finally:
         if world.size > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -105,23 +93,17 @@ def session(world: World) -> Iterator[None]:
 def launch(processes: int) -> None:
     """Run this script again as ``processes`` processes on this machine (torchrun's launcher, standalone).
 
-    Their output goes to this terminal; a process that fails stops the others, and this one then
-    raises a one-line :class:`PipelineError` naming it. A stop signal (Ctrl-C, SIGTERM, SIGHUP)
-    stops the processes, then this one, as a single-process run stops (see :mod:`fmnist.stage`).
-    Each process gets its share of the cores (``OMP_NUM_THREADS``), as the ``torchrun`` command
-    gives it, rather than sizing its thread pool for the whole machine.
+    A process that fails stops the others and becomes a one-line :class:`PipelineError` naming it; a
+    stop signal stops them all as it stops a single process. Each gets its share of the cores.
     """
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from .errors import Terminated
     from .runtime import available_cores
 
-    config = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id="fmnist", rdzv_backend="c10d",
-        rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2,
-    )
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id="fmnist", rdzv_backend="c10d",
+                          rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2)
     for name in ("torch.distributed.elastic", "torch.distributed.launcher"):
         logging.getLogger(name).setLevel(logging.CRITICAL)  # its failure report is a page long: ours is a line
     os.environ["OMP_NUM_THREADS"] = str(max(1, available_cores() // processes))  # the processes inherit it

@@ -1,9 +1,8 @@
-"""``fmnist doctor``'s checks of this machine: Python, the packages, the CPU, CUDA and the fused kernel.
+"""``fmnist doctor``'s checks of this machine: Python, the packages, torch, the CPU, CUDA, the fused kernel.
 
-They ask the libraries fmnist runs (torch, :mod:`fmnist.runtime`, :mod:`fmnist.kernels`) rather than
-``torch.utils.collect_env``, which runs a subprocess per tool (pip, conda, compilers, nvcc,
-nvidia-smi, lscpu), finds cuDNN through ldconfig rather than the one torch loaded, and sets
-environment variables; ``python -m torch.utils.collect_env`` is the report for a PyTorch bug.
+Each check is one line: ``ok``, ``info`` (nothing to do), ``todo`` (missing, with the next step) or ``FAIL``
+(the default pipeline cannot run; the only state that makes the exit status non-zero). The machine is
+checked through the libraries fmnist runs, not ``torch.utils.collect_env`` (a subprocess per tool).
 """
 
 from __future__ import annotations
@@ -14,11 +13,33 @@ import platform
 import re
 import shutil
 import sys
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 from . import runtime
-from .doctor import FAIL, INFO, OK, TODO, Check, guarded
-from .errors import first_line
+from .errors import PipelineError, first_line
+
+OK, INFO, TODO, FAIL = "ok", "info", "todo", "FAIL"
+
+
+@dataclass(frozen=True)
+class Check:
+    """The outcome of one check: ``state`` one of ok, info, todo, FAIL; ``next`` what to do, if anything."""
+
+    name: str
+    state: str
+    detail: str
+    next: str = ""
+
+
+def guarded(name: str, check: Callable[[], list[Check]]) -> list[Check]:
+    """Run ``check``; an exception it did not expect becomes one FAIL line, not a traceback."""
+    try:
+        return check()
+    except PipelineError as e:
+        return [Check(name, FAIL, str(e))]
+    except Exception as e:  # noqa: BLE001 (doctor reports what is broken, whatever it is)
+        return [Check(name, FAIL, f"{type(e).__name__}: {first_line(e)}")]
 
 
 def _pins() -> dict[str, str]:
@@ -33,8 +54,7 @@ def check_package(module: str, dist: str, label: str, needed_for: str) -> Check:
     try:
         mod = importlib.import_module(module)
     except Exception as e:  # noqa: BLE001 (ImportError, or e.g. a torchvision built for another torch)
-        why = first_line(e)
-        return Check(label, FAIL, f"{label} does not import ({why}); {needed_for} needs it",
+        return Check(label, FAIL, f"{label} does not import ({first_line(e)}); {needed_for} needs it",
                      "make (builds .venv from uv.lock), then source .venv/bin/activate")
     version = str(getattr(mod, "__version__", None) or runtime.package_version(dist))  # torch's has its +cu tag
     pin = _pins().get(dist)
@@ -128,3 +148,5 @@ def environment_checks() -> list[Check]:
         for name, check in (("CPU", check_cpu), ("CUDA", check_cuda), ("fused CPU kernel", check_kernel)):
             checks += guarded(name, check)
     return checks
+
+

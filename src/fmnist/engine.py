@@ -1,9 +1,4 @@
-"""The training engine shared by the train and sweep stages: one loop, on the CPU or on CUDA.
-
-The whole data set lives on the device as one normalised float tensor; a batch is a slice of a
-seeded permutation, so an epoch makes no worker processes, no per-item Python calls and no
-host-device copies.
-"""
+"""The training engine of the train and sweep stages: the data on the device, one loop for the CPU and CUDA."""
 
 from __future__ import annotations
 
@@ -12,7 +7,7 @@ import importlib
 import logging
 import math
 import time
-from dataclasses import dataclass
+from collections import namedtuple
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +16,7 @@ from tqdm import tqdm
 
 from .data import Split
 from .distributed import World
-from .errors import ParamsError, PipelineError
+from .errors import PipelineError
 from .params import TrainParams, training_values
 from .resume import restore_run_state, run_state
 from .runtime import autocast
@@ -29,7 +24,7 @@ from .runtime import autocast
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class DeviceSplit:
     """A split resident on the device: normalised images float [N, 1, 28, 28] and labels int64 [N]."""
 
@@ -50,17 +45,15 @@ def make_optimizer(model: nn.Module, p: TrainParams) -> torch.optim.Optimizer:
     # fused: one kernel for all parameters instead of a chain of foreach ops per step, same arithmetic
     if p.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=p.lr, weight_decay=p.weight_decay, fused=True)
-    return torch.optim.SGD(
-        model.parameters(), lr=p.lr, momentum=p.momentum, nesterov=p.momentum > 0, weight_decay=p.weight_decay,
-        fused=True,
-    )
+    return torch.optim.SGD(model.parameters(), lr=p.lr, momentum=p.momentum, nesterov=p.momentum > 0,
+                           weight_decay=p.weight_decay, fused=True)
 
 
-def one_cycle(step: int, total_steps: int, warmup: float = 0.25, start_div: float = 25.0, end_div: float = 1e4) -> float:
+def one_cycle(step: int, total_steps: int, warmup: float = 0.25, start_div: float = 25.0,
+              end_div: float = 1e4) -> float:
     """The one-cycle factor at ``step``: linear warm-up from 1/start_div to 1, then cosine down to 1/end_div.
 
-    Defined for any ``total_steps`` >= 1 (torch's OneCycleLR divides by zero on very short runs).
-    """
+    Unlike torch's OneCycleLR, defined for any ``total_steps`` >= 1."""
     warm = max(1, int(warmup * total_steps))
     if step < warm:
         return 1 / start_div + (1 - 1 / start_div) * step / warm
@@ -68,22 +61,13 @@ def one_cycle(step: int, total_steps: int, warmup: float = 0.25, start_div: floa
     return 1 / end_div + (1 - 1 / end_div) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def make_scheduler(opt: torch.optim.Optimizer, p: TrainParams, steps_per_epoch: int):
-    """One-cycle (warm up to ``lr`` over the first 25% of steps, then anneal) or None for a constant rate."""
-    if p.schedule == "constant":
-        return None
-    total = p.epochs * steps_per_epoch
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: one_cycle(step, total))
-
-
-def steps_per_epoch(n: int, batch_size: int) -> int:
-    return -(-n // batch_size)
-
-
 def training_state(model: nn.Module, p: TrainParams, n_train: int, device: torch.device):
-    """(optimizer, scheduler or None, seeded batch-order generator) for training ``model`` on ``n_train`` images."""
+    """(optimizer, :func:`one_cycle` scheduler or None, seeded batch-order generator) for ``n_train`` images."""
     optimizer = make_optimizer(model, p)
-    scheduler = make_scheduler(optimizer, p, steps_per_epoch(n_train, p.batch_size))
+    scheduler = None
+    if p.schedule != "constant":
+        total = p.epochs * -(-n_train // p.batch_size)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: one_cycle(step, total))
     return optimizer, scheduler, torch.Generator(device=device).manual_seed(p.seed)
 
 
@@ -92,35 +76,19 @@ class Diverged(PipelineError):
 
 
 def train_one_epoch(
-    model: nn.Module,
-    data: DeviceSplit,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    p: TrainParams,
-    generator: torch.Generator,
-    tracker=None,
-    progress: bool = False,
-    epoch: int = 1,
-    world: World = World(),
+    model: nn.Module, data: DeviceSplit, optimizer: torch.optim.Optimizer, scheduler, p: TrainParams,
+    generator: torch.Generator, tracker=None, progress: bool = False, epoch: int = 1, world: World = World(),
 ) -> None:
-    """One pass over ``data`` in a seeded order: forward, loss, zero_grad, backward, step.
+    """One pass over ``data`` in a seeded order; ``tracker`` (a RunManager) gets each batch's loss and predictions.
 
-    ``tracker`` (a :class:`~fmnist.tracking.RunManager`) is told each batch's mean loss and
-    predictions; the last batch may be short and is weighted by its true size. Raises
-    :class:`Diverged`, naming ``epoch`` and the first bad batch, if a loss was NaN or infinite.
-
-    Under data parallelism (``world.size`` > 1, ``model`` a DistributedDataParallel) every process
-    draws the same permutation and flips and takes its own shard of each global batch of
-    ``batch_size``; its loss is scaled so that the gradient DDP averages over processes is the
-    global batch's mean. The tracker then holds this process's sums, to be added up across them.
-    """
+    Raises :class:`Diverged` if a loss was NaN or infinite. Under data parallelism every process draws
+    the same permutation and flips and takes its shard of each global batch."""
     model.train()
     n = len(data)
     device = data.x.device
     order = torch.randperm(n, generator=generator, device=device)
-    starts = range(0, n, p.batch_size)
     losses = []  # 0-d device tensors: checked once at the end, so CUDA is not synchronised per batch
-    for start in tqdm(starts, leave=False, unit="batch", disable=not progress):
+    for start in tqdm(range(0, n, p.batch_size), leave=False, unit="batch", disable=not progress):
         idx = order[start : start + p.batch_size]
         batch = len(idx)  # the global batch: the last one may be short
         flip = torch.rand(batch, generator=generator, device=device) < 0.5 if p.flip else None  # mirror half
@@ -163,11 +131,7 @@ def train_one_epoch(
 def predict(
     model: nn.Module, x: torch.Tensor, batch_size: int = 1000, tta: bool = False, precision: str = "auto",
 ) -> torch.Tensor:
-    """Logits [N, 10] (float32) for images ``x`` [N, 1, 28, 28], batched, gradients off (the seed's get_all_preds).
-
-    With ``tta`` the logits of each image and its mirror image are averaged. ``precision``: see
-    :func:`fmnist.runtime.compute_dtype`.
-    """
+    """Logits [N, 10] float32 for images ``x`` [N, 1, 28, 28] (the seed's get_all_preds); ``tta`` adds mirrors."""
     model.eval()
     out = []
     for start in range(0, len(x), batch_size):
@@ -183,12 +147,9 @@ def predict(
 def evaluate(
     model: nn.Module, data: DeviceSplit, tta: bool = False, world: World = World(), precision: str = "auto",
 ) -> tuple[float, float, torch.Tensor]:
-    """(mean cross-entropy, accuracy in [0, 1], logits) over a whole split.
+    """(mean cross-entropy, exact accuracy correct / total, logits) over a whole split.
 
-    The accuracy is the exact fraction correct / total (a float32 mean would report 0.912 as
-    0.9120000004768372). Under data parallelism each process predicts its shard and the sums are
-    added up across processes (the logits returned are then this process's shard only).
-    """
+    Under data parallelism each process predicts its shard (the logits returned); the sums are added up."""
     if world.size > 1:
         part = world.shard(len(data))
         logits, y = predict(model, data.x[part], tta=tta, precision=precision), data.y[part]
@@ -201,24 +162,13 @@ def evaluate(
 
 
 def fit(
-    model: nn.Module,
-    train: DeviceSplit,
-    val: DeviceSplit,
-    p: TrainParams,
-    manager,
-    progress: bool = False,
-    threads=None,
-    resume: dict | None = None,
-    on_epoch=None,
-    world: World = World(),
+    model: nn.Module, train: DeviceSplit, val: DeviceSplit, p: TrainParams, manager, progress: bool = False,
+    threads=None, resume: dict | None = None, on_epoch=None, world: World = World(),
 ) -> list[dict]:
-    """Train ``model`` for ``p.epochs`` epochs, validating after each; ``manager`` records every epoch.
+    """Train ``model`` for ``p.epochs`` epochs, validating after each; returns ``manager``'s rows for the run.
 
-    ``threads``: a :class:`~fmnist.threadshare.ThreadShare` to rebalance before each epoch.
-    ``resume``: a :func:`run_state` to continue from (the manager's run was begun with its rows).
-    ``on_epoch``: called with the :func:`run_state` after each finished epoch, e.g. to save it.
-    Returns the manager's rows for this run (one per epoch).
-    """
+    ``threads``: a ThreadShare to rebalance before each epoch; ``resume``: a :func:`run_state` to go on
+    from; ``on_epoch``: called with the :func:`run_state` after each epoch."""
     net = model.module if world.size > 1 else model  # DDP's wrapped module: what is saved and evaluated
     optimizer, scheduler, generator = training_state(net, p, len(train), train.x.device)
     done = 0 if resume is None else restore_run_state(resume, net, optimizer, scheduler, generator)
@@ -246,39 +196,24 @@ def fit(
 def final_metrics(rows: list[dict]) -> dict:
     """A run's metrics: train and validation loss and accuracy of its last epoch."""
     last = rows[-1]
-    return {
-        "train_loss": last["loss"], "train_accuracy": last["accuracy"],
-        "val_loss": last["val_loss"], "val_accuracy": last["val_accuracy"],
-    }
+    return {"train_loss": last["loss"], "train_accuracy": last["accuracy"],
+            "val_loss": last["val_loss"], "val_accuracy": last["val_accuracy"]}
 
 
 def train_run(
-    p: TrainParams,
-    train: DeviceSplit,
-    val: DeviceSplit,
-    manager,
-    run=None,
-    name: str | None = None,
-    progress: bool = False,
-    log_dir=None,
-    threads=None,
-    resume: dict | None = None,
-    on_epoch=None,
+    p: TrainParams, train: DeviceSplit, val: DeviceSplit, manager, run=None, name: str | None = None,
+    progress: bool = False, log_dir=None, threads=None, resume: dict | None = None, on_epoch=None,
     world: World = World(),
 ) -> tuple[nn.Module, dict]:
-    """Build ``p.model`` from ``p.seed``, train it with :func:`fit` and close the run in ``manager``.
-
-    The one training path for the train stage and every sweep run. ``resume`` and ``on_epoch``:
-    see :func:`fit`. ``world``: this process's place among data-parallel processes (the model is
-    then wrapped in DistributedDataParallel, with BatchNorm synchronised on CUDA).
-    Returns the trained model and its :func:`final_metrics`.
-    """
+    """Build ``p.model`` from ``p.seed``, train it with :func:`fit` (in DistributedDataParallel where
+    ``world`` has several processes) and close the run in ``manager``: the trained model, :func:`final_metrics`."""
     from .models import build_model, cpu_kernel_on  # local: models import nothing from here; a flat graph
 
     model = build_model(p.model, p.width, p.seed, cpu_kernel=cpu_kernel_on(train.x.device, p.cpu_kernel))
     model = model.to(train.x.device, memory_format=torch.channels_last)
     if run is None:
-        run = _params_tuple(p)
+        fields = dataclasses.asdict(p)
+        run = namedtuple("Run", fields)(**fields)
     trained = model
     if world.size > 1:
         if train.x.device.type == "cuda":  # on the CPU BatchNorm stays per process (docs/scale-out.md)
@@ -298,14 +233,7 @@ def train_run(
     metrics = final_metrics(rows)
     manager.end_run(hparams=training_values(p), metrics=metrics)
     seconds = time.perf_counter() - start
-    trained = p.epochs - (0 if resume is None else resume["epoch"])
-    log.info("%s: %d epochs in %.1f s (%.0f images/s), val accuracy %.2f%%", manager.run_name, trained, seconds,
-             trained * len(train) / max(seconds, 1e-9), 100 * metrics["val_accuracy"])
+    epochs = p.epochs - (0 if resume is None else resume["epoch"])
+    log.info("%s: %d epochs in %.1f s (%.0f images/s), val accuracy %.2f%%", manager.run_name, epochs, seconds,
+             epochs * len(train) / max(seconds, 1e-9), 100 * metrics["val_accuracy"])
     return model, metrics
-
-
-def _params_tuple(p: TrainParams):
-    from collections import namedtuple
-
-    fields = dataclasses.asdict(p)
-    return namedtuple("Run", fields)(**fields)

@@ -30,11 +30,8 @@ class OutputError(PipelineError):
 
 
 class Terminated(BaseException):
-    """The process was asked to stop by a signal (SIGTERM, SIGHUP).
-
-    A ``BaseException``, like ``KeyboardInterrupt``, so that ``except Exception`` blocks let it
-    through and only ``finally`` clauses (which remove staged outputs) run on the way out.
-    """
+    """Stopped by a signal (SIGTERM, SIGHUP): a ``BaseException``, like ``KeyboardInterrupt``, so that
+    ``except Exception`` lets it through and only ``finally`` clauses (removing staged outputs) run."""
 
     def __init__(self, signum: int):
         self.signum = signum

@@ -1,7 +1,6 @@
 """Test-set reports: per-class accuracy, the confusion matrix, and pictures of what went wrong.
 
-The pictures are drawn with Pillow rather than matplotlib, whose import costs the stage more
-than its work (docs/performance.md).
+Drawn with Pillow: importing matplotlib would cost the stage more than its work (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -88,10 +87,8 @@ def save_confusion_png(path: str | Path, cm: torch.Tensor, title: str = "") -> N
 def save_misclassified_png(
     path: str | Path, images: torch.Tensor, labels: torch.Tensor, preds: torch.Tensor, limit: int = 36
 ) -> int:
-    """A grid of the first ``limit`` misclassified images (uint8 [N, 28, 28]), titled "actual" over "as predicted".
-
-    Images are drawn dark on light (as matplotlib's ``gray_r``), three times their size.
-    """
+    """A grid of the first ``limit`` misclassified images (uint8 [N, 28, 28]), titled "actual" over "as predicted",
+    drawn dark on light (as matplotlib's ``gray_r``) at three times their size."""
     wrong = (preds.cpu() != labels.cpu()).nonzero().flatten()[:limit].tolist()
     cols, scale, caption, pad = 6, 3, 30, 8
     rows = max(1, -(-len(wrong) // cols))

@@ -1,15 +1,7 @@
-"""Atomic output: every file is written beside its target under a temporary name, then renamed.
-
-A crash or an error therefore never leaves a half-written model, metric or data file. The bytes are
-flushed to the disk before the rename and the folder after it, so a power cut leaves the old
-output or the new one. A temporary is named ``.{target name}.{pid}.{random}.tmp``: the pid says
-who is writing it, so a later write of the same target removes the ones whose process no longer
-exists (a run killed with SIGKILL, whose ``finally`` clauses never ran) and keeps those of a live,
-concurrent writer.
-
-A file-system error while writing (disk full, permission denied, read-only folder, file too
-large) becomes an :class:`~fmnist.errors.OutputError` naming the target, not the temporary.
-"""
+"""Atomic output: each file or folder is written beside its target as ``.{name}.{pid}.{random}.tmp``, flushed,
+then renamed, so a crash or a power cut leaves the old output or the new one. A later write of the same
+target removes temporaries whose process no longer exists. File-system errors become OutputErrors naming
+the target, not the temporary."""
 
 from __future__ import annotations
 
@@ -33,38 +25,25 @@ log = logging.getLogger(__name__)
 
 # OSErrors that say nothing about the file system: they pass through unchanged.
 _NOT_FILE_ERRORS = (ConnectionError, TimeoutError, socket.gaierror, socket.herror, urllib.error.URLError)
-_MAX_PID = 2**31 - 1
 
 
 def _umask() -> int:
     """This process's umask, read without setting it (``os.umask`` sets it for every thread meanwhile)."""
-    try:
+    with contextlib.suppress(OSError, ValueError, IndexError):
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("Umask:"):
                 return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
     mask = os.umask(0o022)  # no /proc (not Linux): the only way there is
     os.umask(mask)
     return mask
 
 
 def _fsync(path: Path) -> None:
-    """Flush ``path`` (a file, or a folder's entries) to the disk."""
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0)
-    fd = os.open(path, flags)
+    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0))
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _fsync_tree(path: Path) -> None:
-    """Flush every file and folder under ``path``, ``path`` last: a rename of it then publishes durable bytes."""
-    for folder, _, files in os.walk(path, topdown=False):
-        for name in files:
-            _fsync(Path(folder) / name)
-        _fsync(Path(folder))
 
 
 def _process_exists(pid: int) -> bool:
@@ -73,16 +52,12 @@ def _process_exists(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # someone else's process
-        return True
+        pass
     return True
 
 
 def remove_stale_temps(target: str | os.PathLike) -> list[Path]:
-    """Remove ``target``'s temporaries left by processes that no longer exist; return what was removed.
-
-    Only names of the exact form ``.{target name}.{pid}.{random}.tmp`` beside ``target`` are
-    considered, and those of a live process (a concurrent writer) are kept.
-    """
+    """Remove ``target``'s temporaries whose process no longer exists; return what was removed."""
     target = Path(target)
     pattern = re.compile(rf"\.{re.escape(target.name)}\.(\d+)\.[a-z0-9_]+\.tmp")
     removed = []
@@ -92,7 +67,7 @@ def remove_stale_temps(target: str | os.PathLike) -> list[Path]:
         return removed  # the folder is missing or unreadable: creating the temporary will say so
     for entry in entries:
         m = pattern.fullmatch(entry.name)
-        if m is None or not 0 < int(m[1]) <= _MAX_PID or _process_exists(int(m[1])):
+        if m is None or not 0 < int(m[1]) < 2**31 or _process_exists(int(m[1])):
             continue
         path = Path(entry.path)
         try:
@@ -119,21 +94,14 @@ def _inside(path: object, folder: Path) -> Path | None:
         path, folder = Path(os.path.abspath(os.fsdecode(path))), Path(os.path.abspath(folder))
     except (TypeError, ValueError):  # not a path at all
         return None
-    if path == folder or folder in path.parents:
-        return path.relative_to(folder)
-    return None
+    return path.relative_to(folder) if path == folder or folder in path.parents else None
 
 
 def _as_output_error(e: BaseException, target: Path, temp: Path) -> BaseException:
-    """An error raised while ``temp`` was being filled, as an error about ``target`` where it is one.
-
-    Errors about other files (an input that cannot be read) and errors that are not about files
-    pass through unchanged, as does anything that is not an OSError: programming errors keep
-    their traceback.
-    """
+    """An error raised while ``temp`` was being filled, as an :class:`OutputError` about ``target`` where it
+    is one; errors about other files, or not about files, pass through (programming errors keep their traceback)."""
     if isinstance(e, RuntimeError) and isinstance(e.__context__, (KeyboardInterrupt, Terminated)):
-        # a stop signal inside torch.save: its zip writer then fails on the half-written record
-        # ("unexpected pos"), which would hide the stop behind a traceback; the stop is what happened
+        # a stop signal inside torch.save makes its zip writer fail on the half-written record: report the stop
         return e.__context__
     if isinstance(e, OutputError):  # from a write nested inside a staging folder
         rel = _inside(e.path, temp)
@@ -151,14 +119,6 @@ def _as_output_error(e: BaseException, target: Path, temp: Path) -> BaseExceptio
 
 
 @contextlib.contextmanager
-def _setting_up(target: Path) -> Iterator[None]:
-    try:
-        yield
-    except OSError as e:  # the folder cannot be made, or holds no room for even an empty file
-        raise OutputError(target, os_reason(e)) from e
-
-
-@contextlib.contextmanager
 def _naming_the_output(target: Path, temp: Path) -> Iterator[None]:
     """Re-raise a file-system error from writing ``temp`` as an :class:`OutputError` naming ``target``."""
     try:
@@ -170,19 +130,26 @@ def _naming_the_output(target: Path, temp: Path) -> Iterator[None]:
         raise converted from e
 
 
+def _stage(target: Path, folder: bool) -> Path:
+    """A new temporary beside ``target``, its folder made and stale temporaries removed; errors name ``target``."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(target)
+        return _make_temp(target, folder, mode=0o777 if folder else 0o666)
+    except OSError as e:  # the folder cannot be made, or holds no room for even an empty file
+        raise OutputError(target, os_reason(e)) from e
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; rename it onto ``target`` if the block succeeds."""
     target = Path(target)
-    with _setting_up(target):
-        target.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(target)
-        tmp = _make_temp(target, folder=False, mode=0o666)
+    tmp = _stage(target, folder=False)
     try:
         with _naming_the_output(target, tmp):
             yield tmp
         try:
-            _fsync(tmp)  # the bytes reach the disk before the name does: a power cut leaves old or new
+            _fsync(tmp)  # the bytes reach the disk before the name does
             os.replace(tmp, target)
             _fsync(target.parent)
         except OSError as e:
@@ -193,24 +160,21 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty staging folder beside ``target``; it replaces ``target`` whole if the block succeeds.
-
-    On failure the staging folder is removed and ``target`` is left as it was.
-    """
+    """Yield an empty staging folder beside ``target``; it replaces ``target`` whole if the block succeeds,
+    else it is removed and ``target`` is left as it was."""
     target = Path(target)
-    with _setting_up(target):
-        target.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(target)
-        staging = _make_temp(target, folder=True, mode=0o777)
+    staging = _stage(target, folder=True)
     old, committed = None, False
     try:
         with _naming_the_output(target, staging):
             yield staging
         try:
-            # The previous output is renamed aside, not deleted, until the new one is in place: an
-            # interruption between the two renames puts it back (below), and deleting 55 MB is
-            # never the moment a signal or a full disk can leave half a folder.
-            _fsync_tree(staging)
+            for folder, _, files in os.walk(staging, topdown=False):  # every file and folder, staging last
+                for name in files:
+                    _fsync(Path(folder) / name)
+                _fsync(Path(folder))
+            # the previous output is renamed aside, not deleted, until the new one is in place: an
+            # interruption between the two renames puts it back (below) rather than leave half a folder
             if os.path.lexists(target):
                 old = _make_temp(target, folder=target.is_dir() and not target.is_symlink())
                 os.replace(target, old)  # onto the empty placeholder that reserved the name
@@ -232,11 +196,8 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
 
 
 def _make_temp(target: Path, folder: bool, mode: int | None = None) -> Path:
-    """A new, empty temporary file or folder beside ``target``, named after it and this process.
-
-    ``mode`` (less the umask) replaces the 0600/0700 that tempfile gives: outputs should look like
-    any other file.
-    """
+    """A new, empty temporary file or folder beside ``target``, named after it and this process; ``mode``
+    (less the umask) replaces tempfile's 0600/0700, so outputs look like any other file."""
     prefix = f".{target.name}.{os.getpid()}."
     if folder:
         path = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=target.parent))
@@ -276,11 +237,7 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def write_csv(path: str | os.PathLike, rows: list[dict], columns: list[str]) -> None:
-    """``rows`` as CSV with a header of ``columns`` (None as an empty field), atomically.
-
-    The bytes pandas' ``to_csv(index=False)`` writes for the same records, without importing pandas
-    (a quarter of a second at every stage's start).
-    """
+    """``rows`` as CSV with a header of ``columns`` (None as an empty field): pandas' ``to_csv(index=False)`` bytes."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()

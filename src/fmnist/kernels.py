@@ -1,22 +1,16 @@
 """The seed Network's convolution -> max-pool -> ReLU layers as one C++ operator on the CPU.
 
-``fmnist::conv_pool_relu(x, weight, bias) -> (out, idx)`` and its backward are defined in
-``csrc/convpool.cpp``, which setup.py compiles into the extension module ``fmnist._C`` when the
-package is installed (``make``, or ``pip install --no-build-isolation -e .``). This module
-registers their shapes (``register_fake``, for ``torch.compile``) and gradient
-(``register_autograd``) and checks, on first use, that the binary was built from the source file
-beside it: a binary from another version is stale and is not used.
-
-Which layers run is the caller's choice (params.yaml's ``cpu_kernel``), never a silent fallback:
-:func:`conv_pool_relu` with ``fused=True`` runs the operator wherever it computes exactly what
-PyTorch's layers would (float32 CPU tensors of the seed Network's two layer shapes) and raises a
-:class:`~fmnist.errors.PipelineError` there when the operator is not built; elsewhere (CUDA, other
-dtypes, shapes or settings, graph tracing, :func:`disabled`) PyTorch's layers run.
+``fmnist::conv_pool_relu(x, weight, bias) -> (out, idx)`` and its backward live in ``csrc/convpool.cpp``,
+compiled into ``fmnist._C`` when the package is installed. This module registers their shapes and
+gradient, and refuses a binary built from another source or torch. With ``fused=True``, float32 CPU
+tensors of the seed Network's two layer shapes run the operator (a :class:`~fmnist.errors.PipelineError`
+when it is not built, never a silent fallback); anything else runs PyTorch's layers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib
 import platform
@@ -32,20 +26,22 @@ SOURCE = Path(__file__).parent / "csrc" / "convpool.cpp"
 LAYERS = {(1, 5, 28), (5, 12, 12)}  # (in channels, out channels, image size) the operator is built for
 PLAIN = ((1, 1), (0, 0), (1, 1), 1, "zeros")  # stride, padding, dilation, groups, padding mode it computes
 REBUILD = "run make, or pip install --no-build-isolation -e ."
-OR_TORCH = "or set cpu_kernel: torch in params.yaml"
 
 
 @dataclass(frozen=True)
 class _Library:
-    """The outcome of loading fmnist._C: usable or not, and a one-line description."""
+    """The outcome of loading fmnist._C: usable or not, a one-line status, and when not, what to do."""
 
     ok: bool
-    status: str  # e.g. "fused (fmnist._C, x86-64 avx2, source sha256 3f2a...)", or why not
-    error: str = ""  # when not ok: one line saying what to do
+    status: str
+    error: str = ""
+
+
+def _refused(status: str, problem: str) -> _Library:
+    return _Library(False, status, f"the fused CPU kernel {problem}; or set cpu_kernel: torch in params.yaml")
 
 
 _state: _Library | None = None  # loaded on first use, not on import
-_registered = False
 _disabled = 0
 
 
@@ -62,44 +58,38 @@ def _load() -> _Library:
     """Import fmnist._C and check it against this machine, this torch and the source beside it."""
     x86 = platform.machine().lower() in ("x86_64", "amd64")
     if x86 and not getattr(torch.cpu, "_is_avx2_supported", lambda: True)():  # setup.py builds it for AVX2
-        return _Library(False, "unusable: this CPU lacks AVX2",
-                        f"the fused CPU kernel is built for AVX2, which this CPU lacks; {OR_TORCH}")
+        return _refused("unusable: this CPU lacks AVX2", "is built for AVX2, which this CPU lacks")
     try:
         ext = _import_extension()
     except ModuleNotFoundError as err:
         if err.name != f"{__package__}._C":
             raise
-        return _Library(False, "not built (fmnist._C is missing)",
-                        "the fused CPU kernel is not built (needs a C++ compiler: install g++ and run make, "
-                        f"or pip install --no-build-isolation -e .); {OR_TORCH}")
+        return _refused("not built (fmnist._C is missing)",
+                        "is not built (needs a C++ compiler: install g++ and run make, or pip install "
+                        "--no-build-isolation -e .)")
     except ImportError as err:  # e.g. an undefined symbol: built against another torch
         why = first_line(err)
-        return _Library(False, f"does not load ({why})",
-                        f"the fused CPU kernel does not load ({why}): {REBUILD}; {OR_TORCH}")
+        return _refused(f"does not load ({why})", f"does not load ({why}): {REBUILD}")
     if not SOURCE.is_file():
-        return _Library(False, f"unverifiable: {SOURCE} is missing",
-                        f"the fused CPU kernel cannot be checked against its source ({SOURCE} is missing): "
-                        f"reinstall fmnist; {OR_TORCH}")
+        return _refused(f"unverifiable: {SOURCE} is missing",
+                        f"cannot be checked against its source ({SOURCE} is missing): reinstall fmnist")
     built, current = ext.SOURCE_SHA256, source_sha256()
     if built != current:
-        return _Library(False, f"stale (built from source sha256 {built[:12]}, the source is now {current[:12]})",
-                        f"the fused CPU kernel is stale (built from another version of {SOURCE.name}): {REBUILD}; "
-                        f"{OR_TORCH}")
+        return _refused(f"stale (built from source sha256 {built[:12]}, the source is now {current[:12]})",
+                        f"is stale (built from another version of {SOURCE.name}): {REBUILD}")
     running = torch.__version__.split("+")[0]
     if ext.TORCH_VERSION != running:
-        return _Library(False, f"stale (built for torch {ext.TORCH_VERSION}, running {running})",
-                        f"the fused CPU kernel was built for torch {ext.TORCH_VERSION}, not {running}: {REBUILD}; "
-                        f"{OR_TORCH}")
+        return _refused(f"stale (built for torch {ext.TORCH_VERSION}, running {running})",
+                        f"was built for torch {ext.TORCH_VERSION}, not {running}: {REBUILD}")
     return _Library(True, f"fused ({ext.__name__}, {ext.ISA}, source sha256 {current[:12]}...)")
 
 
 def _library() -> _Library:
-    global _state, _registered
+    global _state
     if _state is None:
         _state = _load()
-        if _state.ok and not _registered:
+        if _state.ok:
             _register()
-            _registered = True
     return _state
 
 
@@ -120,6 +110,7 @@ def require() -> None:
         raise PipelineError(lib.error)
 
 
+@functools.cache  # once per process, however often _state is reloaded
 def _register() -> None:
     """Shapes and gradient of the C++ operators, for autograd and torch.compile."""
     torch.library.register_fake("fmnist::conv_pool_relu")(_fake_forward)

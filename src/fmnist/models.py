@@ -1,8 +1,7 @@
 """Models, chosen by name from params.yaml (``model:``); each ``forward`` returns logits [B, 10].
 
-The seed ended ``Network.forward`` with ``softmax`` and then called ``F.cross_entropy``, which
-applies log-softmax again: the loss then saturates and gradients shrink. Here every model returns
-raw logits and the loss does the softmax once.
+The seed's ``forward`` ended in ``softmax`` before ``F.cross_entropy``, a second softmax that
+saturates the loss; here the loss does the softmax once.
 """
 
 from __future__ import annotations
@@ -25,8 +24,8 @@ def _checked_cpu_kernel(cpu_kernel: str) -> str:
 class Network(nn.Module):
     """The seed's CNN: two 5x5 convolutions with 2x2 max-pooling, three linear layers (32,672 parameters).
 
-    ``cpu_kernel``: ``fused`` runs each convolution, pooling and ReLU on the CPU as one C++ operator
-    (fmnist.kernels; an error if it is not built), ``torch`` as PyTorch's layers.
+    ``cpu_kernel``: ``fused`` runs each conv, pool and ReLU on the CPU as one C++ operator
+    (fmnist.kernels), ``torch`` as PyTorch's layers.
     """
 
     def __init__(self, cpu_kernel: str = "fused"):
@@ -40,24 +39,19 @@ class Network(nn.Module):
         self.out = nn.Linear(in_features=60, out_features=10)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        # The seed applies ReLU, then pools. ReLU is monotonic, so pooling first gives the same values
-        # and routes the same gradients (to the window's maximum, or nowhere when it is <= 0). With
-        # cpu_kernel "fused", on the CPU conv, pool and ReLU run as one C++ operator (fmnist.kernels);
-        # elsewhere as PyTorch's layers.
+        # pool, then ReLU: ReLU is monotonic, so the seed's ReLU-then-pool gives the same values and gradients
         fused = self.cpu_kernel == "fused"
         t = kernels.conv_pool_relu(t, self.conv1, fused=fused)
         t = kernels.conv_pool_relu(t, self.conv2, fused=fused)
-        t = t.flatten(1)
-        t = F.relu(self.fc1(t))
+        t = F.relu(self.fc1(t.flatten(1)))
         t = F.relu(self.fc2(t))
-        return self.out(t)  # logits: no softmax here (see the module docstring)
+        return self.out(t)
 
 
 def _block(c_in: int, c_out: int, pool: bool = False) -> nn.Sequential:
     """3x3 convolution, then (if ``pool``) 2x2 max-pooling, then BatchNorm and ReLU.
 
-    Pooling straight after the convolution lets BatchNorm and ReLU (memory-bound on a CPU) work
-    on a quarter of the values.
+    Pooling first leaves BatchNorm and ReLU (memory-bound on a CPU) a quarter of the values.
     """
     layers = [nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False)]
     if pool:
@@ -66,11 +60,7 @@ def _block(c_in: int, c_out: int, pool: bool = False) -> nn.Sequential:
 
 
 class FastNet(nn.Module):
-    """A BatchNorm CNN for accuracy per second: 3x3 conv-BN-ReLU blocks of ``width``, 2x, 2x, 4x channels.
-
-    Blocks 1, 3 and 4 max-pool their convolution's output (28 -> 14 -> 7 -> 3), then global
-    max-pooling and one linear layer.
-    """
+    """A BatchNorm CNN: blocks of ``width``, 2x, 2x, 4x channels (28 -> 14 -> 7 -> 3), global max-pool, linear."""
 
     def __init__(self, width: int = 16):
         super().__init__()
@@ -99,15 +89,11 @@ def cpu_kernel_on(device: torch.device | str, cpu_kernel: str) -> str:
 
 
 def build_model(name: str, width: int = 16, seed: int = 0, cpu_kernel: str = "fused") -> nn.Module:
-    """Build model ``name`` with weights drawn from ``seed``, leaving the global RNG as it was.
-
-    ``cpu_kernel`` (params.yaml): ``fused`` or ``torch``, how the seed Network's conv layers run on
-    the CPU. ``fused`` for the Network raises a one-line PipelineError when the operator is not built.
-    """
+    """Build model ``name`` with weights drawn from ``seed``, leaving the global RNG as it was."""
     if name not in MODELS:
         raise ParamsError(f"params.yaml: model must be one of {', '.join(MODELS)}, got {name!r}")
     if _checked_cpu_kernel(cpu_kernel) == "fused" and name == "network":
-        kernels.require()  # here, before any training, not at the first forward
+        kernels.require()  # a one-line error here, before any training, if the operator is not built
     with torch.random.fork_rng(devices=[]):  # saves and restores the CPU generator only...
         torch.random.default_generator.manual_seed(seed)  # ...so seed only that one (init runs on the CPU)
         return MODELS[name](width, cpu_kernel)

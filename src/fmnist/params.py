@@ -1,10 +1,7 @@
 """params.yaml, loaded into frozen, typed dataclasses that reject unknown keys and bad values.
 
-Training hyperparameters live at the top level of params.yaml (so that ``dvc exp run -S lr=0.02``
-works as written); the data split lives under ``data:`` and the sweep grid under ``sweep:``.
-Every error is a :class:`ParamsError` whose message names the key and what is allowed. The file is
-read with ruamel.yaml's safe loader, as DVC reads it, so a value here is the value ``dvc params diff``
-and ``dvc exp show`` show (YAML 1.2: ``1e-3`` is a float, ``yes`` a string, ``017`` seventeen).
+Training keys sit at the top level (so ``dvc exp run -S lr=0.02`` works as written), the split under
+``data:``, the sweep grid under ``sweep:``. Every error is a one-line :class:`ParamsError` naming the key.
 """
 
 from __future__ import annotations
@@ -23,11 +20,22 @@ from ruamel.yaml.constructor import DuplicateKeyError
 from .errors import ParamsError, first_line
 
 SECTIONS = ("data", "sweep")
+MODELS = ("network", "fastnet")
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("onecycle", "constant")
+DEVICES = ("auto", "cpu", "cuda")
+CPU_KERNELS = ("fused", "torch")
+NUMERICS = ("portable", "native")
+PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 def _spec(default: Any, kind: type, allowed: str, check=lambda v: True) -> Any:
     """A dataclass field carrying its type, a predicate and the human description of what is allowed."""
     return field(default=default, metadata={"kind": kind, "allowed": allowed, "check": check})
+
+
+def _one_of(default: str, choices: tuple[str, ...], note: str = "") -> Any:
+    return _spec(default, str, f"one of {', '.join(choices)}{note}", lambda v: v in choices)
 
 
 def _positive(v) -> bool:
@@ -39,54 +47,33 @@ class DataParams:
     """How the transform stage splits the 60,000 training images."""
 
     val_size: int = _spec(5000, int, "an integer from 1 to 59999", lambda v: 1 <= v <= 59_999)
-    train_size: int | None = _spec(
-        None, int, "null (all the rest) or a positive integer", lambda v: v is None or v > 0
-    )
+    train_size: int | None = _spec(None, int, "null (all the rest) or a positive integer", lambda v: v is None or v > 0)
     split_seed: int = _spec(0, int, "a non-negative integer", lambda v: v >= 0)
-
-
-MODELS = ("network", "fastnet")
-OPTIMIZERS = ("adam", "sgd")
-SCHEDULES = ("onecycle", "constant")
-DEVICES = ("auto", "cpu", "cuda")
-CPU_KERNELS = ("fused", "torch")
-NUMERICS = ("portable", "native")
-PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 @dataclass(frozen=True)
 class TrainParams:
     """Training hyperparameters, the top level of params.yaml."""
 
-    model: str = _spec("network", str, f"one of {', '.join(MODELS)}", lambda v: v in MODELS)
+    model: str = _one_of("network", MODELS)
     width: int = _spec(16, int, "a positive integer (channels of fastnet's first block)", _positive)
     lr: float = _spec(0.05, float, "a positive number", _positive)
     batch_size: int = _spec(100, int, "a positive integer", _positive)
     epochs: int = _spec(15, int, "a positive integer", _positive)
-    optimizer: str = _spec("sgd", str, f"one of {', '.join(OPTIMIZERS)}", lambda v: v in OPTIMIZERS)
+    optimizer: str = _one_of("sgd", OPTIMIZERS)
     momentum: float = _spec(0.9, float, "a number in [0, 1)", lambda v: 0 <= v < 1)
     weight_decay: float = _spec(0.001, float, "a non-negative number", lambda v: v >= 0)
-    schedule: str = _spec("onecycle", str, f"one of {', '.join(SCHEDULES)}", lambda v: v in SCHEDULES)
+    schedule: str = _one_of("onecycle", SCHEDULES)
     label_smoothing: float = _spec(0.0, float, "a number in [0, 1)", lambda v: 0 <= v < 1)
     flip: bool = _spec(False, bool, "true or false (random horizontal flips while training)")
     tta: bool = _spec(False, bool, "true or false (average predictions over flipped test images)")
     seed: int = _spec(0, int, "a non-negative integer", lambda v: v >= 0)
-    device: str = _spec("auto", str, f"one of {', '.join(DEVICES)}", lambda v: v in DEVICES)
-    cpu_kernel: str = _spec(
-        "fused", str, f"one of {', '.join(CPU_KERNELS)} (the seed Network's conv layers on the CPU)",
-        lambda v: v in CPU_KERNELS,
-    )
-    numerics: str = _spec(
-        "portable", str, f"one of {', '.join(NUMERICS)} (CPU instruction set of PyTorch's kernels)",
-        lambda v: v in NUMERICS,
-    )
-    precision: str = _spec(
-        "auto", str, f"one of {', '.join(PRECISIONS)} (auto: bfloat16 on CUDA, float32 on the CPU)",
-        lambda v: v in PRECISIONS,
-    )
+    device: str = _one_of("auto", DEVICES)
+    cpu_kernel: str = _one_of("fused", CPU_KERNELS, " (the seed Network's conv layers on the CPU)")
+    numerics: str = _one_of("portable", NUMERICS, " (CPU instruction set of PyTorch's kernels)")
+    precision: str = _one_of("auto", PRECISIONS, " (auto: bfloat16 on CUDA, float32 on the CPU)")
     processes: int = _spec(
-        1, int, "a positive integer (training processes, torch.distributed data-parallel)", _positive,
-    )
+        1, int, "a positive integer (training processes, torch.distributed data-parallel)", _positive)
 
 
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainParams))
@@ -95,8 +82,7 @@ EVAL_ONLY_KEYS = ("tta",)  # read by evaluate, not by train: changing them must 
 RUNTIME_KEYS = ("device", "cpu_kernel", "numerics", "precision")
 # a sweep run is one process: its parallelism is sweep_workers, runs side by side
 UNSWEPT_KEYS = EVAL_ONLY_KEYS + RUNTIME_KEYS + ("processes",)
-# top-level keys that are not training hyperparameters
-OTHER_KEYS = ("sweep_workers",)
+OTHER_KEYS = ("sweep_workers",)  # top-level keys that are not training hyperparameters
 
 
 def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
@@ -120,7 +106,7 @@ def _build(cls, values: Mapping[str, Any], prefix: str = ""):
 
 
 def load(path: str | Path = "params.yaml") -> dict[str, Any]:
-    """Read params.yaml as DVC reads it and reject top-level keys that no stage knows."""
+    """Read params.yaml as DVC does (ruamel's safe loader, YAML 1.2) and reject top-level keys no stage knows."""
     path = Path(path)
     try:
         raw = YAML(typ="safe").load(path.read_text(encoding="utf-8"))  # DVC's parse_yaml, a key given twice included
@@ -134,12 +120,10 @@ def load(path: str | Path = "params.yaml") -> dict[str, Any]:
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping of keys to values")
-    unknown = sorted(set(raw) - set(TRAIN_KEYS) - set(OTHER_KEYS) - set(SECTIONS), key=str)
+    known = TRAIN_KEYS + OTHER_KEYS + SECTIONS
+    unknown = sorted(set(raw) - set(known), key=str)
     if unknown:
-        raise ParamsError(
-            f"params.yaml: unknown key {unknown[0]!r} "
-            f"(known: {', '.join(TRAIN_KEYS + OTHER_KEYS + SECTIONS)})"
-        )
+        raise ParamsError(f"params.yaml: unknown key {unknown[0]!r} (known: {', '.join(known)})")
     return raw
 
 
@@ -152,9 +136,7 @@ def data_params(raw: Mapping[str, Any]) -> DataParams:
 
 def train_params(raw: Mapping[str, Any], **overrides: Any) -> TrainParams:
     """The top-level training keys, with ``overrides`` (one sweep run's values) applied on top."""
-    values = {k: v for k, v in raw.items() if k in TRAIN_KEYS}
-    values.update(overrides)
-    return _build(TrainParams, values)
+    return _build(TrainParams, {**{k: v for k, v in raw.items() if k in TRAIN_KEYS}, **overrides})
 
 
 def training_values(p: TrainParams) -> dict[str, Any]:
@@ -163,12 +145,8 @@ def training_values(p: TrainParams) -> dict[str, Any]:
 
 
 def sweep_runs(raw: Mapping[str, Any], runs: list) -> list[TrainParams]:
-    """The training parameters of each sweep run: its grid values over the built-in defaults.
-
-    A sweep is self-contained: only the runtime keys (``device``, ``cpu_kernel``, ``numerics``, ``precision``)
-    come from the top level, so editing a top-level training key (``dvc exp run -S lr=...``) neither changes
-    nor reruns the sweep.
-    """
+    """Each run's grid values over the defaults; from the top level only the runtime keys (a sweep is self-contained,
+    so editing a top-level training key, ``dvc exp run -S lr=...``, neither changes nor reruns it)."""
     base = {k: raw[k] for k in RUNTIME_KEYS if k in raw}
     return [train_params(base, **run._asdict()) for run in runs]
 
@@ -178,6 +156,7 @@ def sweep_grid(raw: Mapping[str, Any]) -> dict[str, list]:
     section = raw.get("sweep")
     if not isinstance(section, dict) or not section:
         raise ParamsError("params.yaml: sweep must map training keys to lists of values, e.g. lr: [0.01, 0.001]")
+    fields = {f.name: f for f in dataclasses.fields(TrainParams)}
     grid: dict[str, list] = {}
     for key, values in section.items():
         if key not in TRAIN_KEYS or key in UNSWEPT_KEYS:
@@ -185,12 +164,10 @@ def sweep_grid(raw: Mapping[str, Any]) -> dict[str, list]:
                 f"params.yaml: sweep.{key} is not a training key that can be swept "
                 f"(allowed: {', '.join(k for k in TRAIN_KEYS if k not in UNSWEPT_KEYS)})"
             )
-        if not isinstance(values, list):
-            values = [values]
+        values = values if isinstance(values, list) else [values]
         if not values:
             raise ParamsError(f"params.yaml: sweep.{key} is an empty list; give at least one value")
-        fld = next(f for f in dataclasses.fields(TrainParams) if f.name == key)
-        grid[key] = [_coerce(f"sweep.{key}", v, fld) for v in values]
+        grid[key] = [_coerce(f"sweep.{key}", v, fields[key]) for v in values]
     return grid
 
 

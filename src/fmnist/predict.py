@@ -1,27 +1,13 @@
 """``fmnist predict``: classify anyone's pictures with a trained checkpoint, prepared as the training images were.
 
-Fashion-MNIST's images are product photos on white that were trimmed to the item, scaled so that
-the longest edge is 28 pixels, centred on a 28x28 canvas and negated: a light item on a black
-background. A picture of any size, colour or format that Pillow reads is prepared the same way:
-
-1. grayscale (EXIF rotation applied; a transparent background becomes white, as on a product photo);
-2. inverted when the background is light, judged from the median of the border pixels
-   (``invert="auto"``; ``"yes"`` and ``"no"`` override it);
-3. cropped to the item: the rows and columns that hold any pixel far from the background. An item
-   in the middle of a wide photo would otherwise shrink to a sliver of the 28x28 input and lose
-   its class (docs/command.md has the measurement);
-4. padded to a square with the background's value, the item centred, aspect ratio kept;
-5. resized to 28x28 (Lanczos).
-
-A picture that is already 28x28 is taken to be in the data set's format and only inverted, if at
-all: a Fashion-MNIST image saved as a PNG gives exactly the probabilities the evaluate stage does.
-The pixels then go through :func:`fmnist.engine.to_device` with the checkpoint's mean and std and
-:func:`fmnist.engine.predict`, the evaluate stage's own path, with the numerics and precision the
-checkpoint was trained with (and, on request, the evaluate stage's test-time augmentation).
+A picture is made to look like Fashion-MNIST's images (light item on black, trimmed, centred, 28x28) and
+classified by the evaluate stage's own path, in the checkpoint's numerics and precision; docs/command.md
+describes each step. A 28x28 picture is taken as it is (inverted if need be).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,7 +17,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from . import CLASSES
+from . import CLASSES, kernels, runtime
+from .checkpoint import model_from, read_checkpoint, trained_params
+from .data import Split
+from .engine import predict, to_device
 from .errors import DataError, first_line
 from .fileio import os_reason
 
@@ -64,21 +53,13 @@ class Prediction:
         return [(int(i), CLASSES[i], float(self.probabilities[i])) for i in order]
 
 
-def image_extensions() -> frozenset[str]:
-    """File name endings (lower case, with the dot) of the formats this Pillow can open."""
-    return frozenset(ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
-
-
 def expand(path: str | Path) -> list[Path]:
-    """``path`` itself, or for a folder its image files (by extension, sorted; no subfolders, no hidden files).
-
-    Raises :class:`DataError` for a folder without image files; a file that does not exist is
-    returned as it is, so that reading it reports it.
-    """
+    """``path`` itself (reading it reports it if missing), or a folder's image files by extension, sorted,
+    without subfolders or hidden files."""
     path = Path(path)
     if not path.is_dir():
         return [path]
-    extensions = image_extensions()
+    extensions = {ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
     found = sorted(p for p in path.iterdir() if p.suffix.lower() in extensions and not p.name.startswith(".")
                    and p.is_file())
     if not found:
@@ -86,15 +67,8 @@ def expand(path: str | Path) -> list[Path]:
     return found
 
 
-def _alpha_on_white(img: Image.Image) -> Image.Image:
-    """A picture with transparency as RGB on white: the background a product photo has."""
-    rgba = img.convert("RGBA")
-    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(white, rgba).convert("RGB")
-
-
 def to_gray(img: Image.Image) -> np.ndarray:
-    """The picture as uint8 grey levels [H, W], upright per its EXIF orientation."""
+    """The picture as uint8 grey levels [H, W], upright per its EXIF orientation, transparency as white."""
     img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):  # 16-bit and float grayscale
         a = np.asarray(img, dtype=np.float64)
@@ -104,7 +78,8 @@ def to_gray(img: Image.Image) -> np.ndarray:
             a = a * 255  # floats in [0, 1]
         return np.clip(np.rint(a), 0, 255).astype(np.uint8)
     if img.mode in ("RGBA", "LA", "La", "RGBa", "PA") or "transparency" in img.info:
-        img = _alpha_on_white(img)
+        rgba = img.convert("RGBA")  # on white: the background a product photo has
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     return np.asarray(img.convert("L"), dtype=np.uint8)
 
 
@@ -117,21 +92,8 @@ def border(gray: np.ndarray) -> np.ndarray:
 
 
 def light_background(gray: np.ndarray) -> bool:
-    """Whether the border is mostly light (median above mid-grey): a photo to be inverted.
-
-    The median of a one-pixel ring is at most 91 of 255 on every one of the 10,000 test images
-    (items often touch the edges), and so at least 164 on each inverted one.
-    """
+    """Whether the border's median (items often touch the edges) is above mid-grey: a photo to be inverted."""
     return float(np.median(border(gray))) > 127.5
-
-
-def crop_to_item(gray: np.ndarray, background: int, threshold: int = CROP_THRESHOLD) -> np.ndarray:
-    """The smallest rectangle holding every pixel more than ``threshold`` grey levels from ``background``."""
-    item = np.abs(gray.astype(np.int16) - background) > threshold
-    if not item.any():
-        return gray  # a blank picture: nothing to crop to
-    rows, cols = np.flatnonzero(item.any(1)), np.flatnonzero(item.any(0))
-    return gray[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
 
 
 def pad_square(gray: np.ndarray, value: int) -> np.ndarray:
@@ -154,8 +116,11 @@ def prepare(gray: np.ndarray, invert: str = "auto", crop: bool = True) -> tuple[
     if gray.shape == (SIZE, SIZE):
         return np.ascontiguousarray(gray), inverted  # already in the data set's format
     background = int(np.median(border(gray)))
-    if crop:
-        gray = crop_to_item(gray, background)
+    if crop:  # to the item: one in the middle of a wide photo would otherwise shrink to a sliver
+        item = np.abs(gray.astype(np.int16) - background) > CROP_THRESHOLD
+        if item.any():  # a blank picture has nothing to crop to
+            rows, cols = np.flatnonzero(item.any(1)), np.flatnonzero(item.any(0))
+            gray = gray[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     square = Image.fromarray(pad_square(gray, background))
     if square.size != (SIZE, SIZE):
         square = square.resize((SIZE, SIZE), Image.Resampling.LANCZOS, reducing_gap=3.0)
@@ -173,8 +138,6 @@ def read_picture(path: str | Path, invert: str = "auto", crop: bool = True) -> P
                 gray = to_gray(img)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a folder") from None
     except Image.UnidentifiedImageError:
         raise DataError(f"{path}: not an image (Pillow cannot identify its format)") from None
     except Image.DecompressionBombError as e:  # over twice Pillow's limit: refused rather than decoded
@@ -190,19 +153,10 @@ def read_picture(path: str | Path, invert: str = "auto", crop: bool = True) -> P
 
 
 def load_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
-    """The checkpoint's model in eval mode, and its metadata (``weights_only`` loading: no pickled code runs).
+    """The checkpoint's model in eval mode and its metadata, its ``numerics`` pinned before its first tensor operation.
 
-    The model computes as the evaluate stage computed it: the ``numerics`` the checkpoint was
-    trained with are pinned before the model's first tensor operation, with deterministic
-    algorithms, and :func:`probabilities` uses its ``precision``. On the CPU the seed Network runs on
-    the fused kernel when it is built, else on PyTorch's layers: the same function, so a missing
-    compiler costs speed here, not the prediction.
+    On the CPU the seed Network runs the fused kernel when it is built, else PyTorch's layers: the same function.
     """
-    import dataclasses
-
-    from . import kernels, runtime
-    from .checkpoint import model_from, read_checkpoint, trained_params
-
     payload = read_checkpoint(path, device)
     runtime.configure(dataclasses.replace(trained_params(payload), device=device.type))
     return model_from(payload, path, device, cpu_kernel="fused" if kernels.available() else "torch")
@@ -211,15 +165,8 @@ def load_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Module,
 def probabilities(
     model: torch.nn.Module, info: dict, pixels: np.ndarray, device: torch.device, tta: bool = False,
 ) -> np.ndarray:
-    """Class probabilities float [N, 10] for pictures uint8 [N, 28, 28], fed as training fed the model.
-
-    In the checkpoint's ``precision``; with ``tta``, averaged over each picture and its mirror image
-    (the evaluate stage's ``tta: true``).
-    """
-    from .checkpoint import trained_params
-    from .data import Split
-    from .engine import predict, to_device
-
+    """Class probabilities float [N, 10] for pictures uint8 [N, 28, 28], in the checkpoint's precision;
+    ``tta`` averages each picture with its mirror image, as the evaluate stage's ``tta: true``."""
     norm = info["normalize"]
     split = Split(torch.from_numpy(np.array(pixels, dtype=np.uint8)), torch.zeros(len(pixels), dtype=torch.long))
     x = to_device(split, norm["mean"], norm["std"], device).x
@@ -244,10 +191,5 @@ def as_text(pred: Prediction, k: int) -> str:
 def as_record(pred: Prediction, k: int) -> dict:
     """One picture's entry in ``--json`` output."""
     pic = pred.picture
-    return {
-        "file": pic.path,
-        "width": pic.width,
-        "height": pic.height,
-        "inverted": pic.inverted,
-        "top": [{"class": name, "index": i, "probability": prob} for i, name, prob in pred.top(k)],
-    }
+    top = [{"class": name, "index": i, "probability": prob} for i, name, prob in pred.top(k)]
+    return {"file": pic.path, "width": pic.width, "height": pic.height, "inverted": pic.inverted, "top": top}

@@ -1,9 +1,7 @@
 """The tutorial's way, kept as the baseline that benchmarks and equivalence tests measure against.
 
 torchvision's ``FashionMNIST`` with ``ToTensor()``, a ``DataLoader``, the seed's ``Network`` on
-PyTorch's layers, and the seed's loop: per batch, forward, ``cross_entropy``, ``loss.item()``,
-``zero_grad``, ``backward``, ``step`` and a count of correct predictions. The only change is that
-the model returns logits (see models.py).
+PyTorch's layers and the seed's loop; the only change is that the model returns logits.
 """
 
 from __future__ import annotations
@@ -21,11 +19,7 @@ from .models import Network, build_model
 
 
 class SeedNetwork(Network):
-    """The tutorial's ``Network`` as written: ReLU, then pool, on PyTorch's layers; returns logits.
-
-    The layers (and so the ``state_dict``) are :class:`fmnist.models.Network`'s; only ``forward``
-    is the seed's.
-    """
+    """The tutorial's ``Network`` as written (ReLU, then pool, on PyTorch's layers); only ``forward`` differs."""
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         t = F.max_pool2d(F.relu(self.conv1(t)), kernel_size=2, stride=2)
@@ -42,8 +36,13 @@ def seed_network(seed: int = 0) -> SeedNetwork:
     return model
 
 
-def torchvision_root(raw_dir: str | Path, root: str | Path) -> Path:
-    """Lay the raw .gz files out as torchvision's ``FashionMNIST(root, download=False)`` expects."""
+def seed_train_set(raw_dir: str | Path, root: str | Path):
+    """The tutorial's Extract/Transform: torchvision ``FashionMNIST`` with ``ToTensor()``, over ``raw_dir``'s files.
+
+    They are decompressed into ``root`` as ``FashionMNIST(root, download=False)`` expects.
+    """
+    import torchvision
+
     dest = Path(root) / "FashionMNIST" / "raw"
     dest.mkdir(parents=True, exist_ok=True)
     for gz in Path(raw_dir).glob("*.gz"):
@@ -51,16 +50,8 @@ def torchvision_root(raw_dir: str | Path, root: str | Path) -> Path:
         if not out.exists():
             with gzip.open(gz, "rb") as src, open(out, "wb") as dst:
                 shutil.copyfileobj(src, dst)
-    return Path(root)
-
-
-def seed_train_set(raw_dir: str | Path, root: str | Path):
-    """The tutorial's Extract/Transform: torchvision ``FashionMNIST`` with ``ToTensor()``."""
-    import torchvision
-
     return torchvision.datasets.FashionMNIST(
-        torchvision_root(raw_dir, root), train=True, download=False,
-        transform=torchvision.transforms.Compose([torchvision.transforms.ToTensor()]),
+        root, train=True, download=False, transform=torchvision.transforms.Compose([torchvision.transforms.ToTensor()])
     )
 
 

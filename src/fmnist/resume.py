@@ -1,20 +1,10 @@
-"""Resuming a training cut short (``kill -9``, a power cut, Ctrl-C): the state after each finished epoch.
-
-After every epoch a stage saves, in one file written atomically, all that the rest of the run
-depends on: weights, optimiser and schedule state, the batch-order and global random generators,
-the epoch, the history rows and the TensorBoard events written so far. The next run of the same
-stage continues from there and ends with the same bits as a run that was never interrupted.
-
-The file is used only when it was made with the same parameters, data and code (its
-:func:`fingerprint`); otherwise training starts fresh and says why. It lives outside every DVC
-output (``.resume/``, ignored by git and DVC), so ``dvc repro`` does not delete it before the stage
-runs, and the stage removes it once its outputs are written. DVC's own checkpoints were dropped in
-DVC 3; its maintainers leave resuming to the training code, which is this module.
-"""
+"""Resuming a training cut short (``kill -9``, Ctrl-C) from the state saved after each epoch, to the bits of an
+uninterrupted run; only while its :func:`fingerprint` matches, else training starts fresh and says why."""
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
 import logging
 import os
@@ -29,15 +19,14 @@ from .fileio import atomic_path
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2  # 2: the fingerprint holds the environment
+FORMAT = 2  # the payload's layout: a file of another format is not used
 PACKAGE = Path(__file__).parent
 
 
 def digest_files(paths: Iterable[str | os.PathLike], root: str | os.PathLike | None = None) -> str:
     """SHA-256 over the files' names (relative to ``root``) and contents, in name order."""
     h = hashlib.sha256()
-    files = sorted(Path(p) for p in paths)
-    for path in files:
+    for path in sorted(Path(p) for p in paths):
         name = path.relative_to(root).as_posix() if root is not None else path.name
         h.update(name.encode() + b"\0")
         with open(path, "rb") as f:
@@ -49,24 +38,20 @@ def digest_files(paths: Iterable[str | os.PathLike], root: str | os.PathLike | N
 
 def _imports(path: Path) -> set[str]:
     """The modules of this package that the file ``path`` imports, anywhere in its code."""
-    found = set()
+    modules = []  # dotted names, relative imports made absolute: "fmnist.data", "fmnist.data.Split"
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
-            names = [a.name.split(".")[1] for a in node.names if a.name.startswith(f"{PACKAGE.name}.")]
-        elif isinstance(node, ast.ImportFrom) and (node.level or node.module == PACKAGE.name):
-            names = [node.module.split(".")[0]] if node.level and node.module else [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(f"{PACKAGE.name}."):
-            names = [node.module.split(".")[1]]
-        else:
-            continue
-        found |= {name for name in names if (PACKAGE / f"{name}.py").is_file()}
-    return found
+            modules += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join(filter(None, [PACKAGE.name if node.level else None, node.module]))
+            modules += [f"{base}.{a.name}" for a in node.names]
+    names = {m.split(".")[1] for m in modules if m.startswith(f"{PACKAGE.name}.")}
+    return {name for name in names if (PACKAGE / f"{name}.py").is_file()}
 
 
 def stage_sources(stage_script: str | os.PathLike) -> list[Path]:
-    """The stage script, then every file of this package it runs: the modules it imports, directly or
-    through each other (read from the code, so imports inside functions count), the package's
-    ``__init__.py``, and the fused kernel's C++ sources when :mod:`fmnist.kernels` is among them.
+    """The stage script, then every package file it runs: the modules it imports, transitively and from
+    inside functions too, ``__init__.py``, and the C++ sources when :mod:`fmnist.kernels` is among them.
     What a stage's results depend on: its resume fingerprint, and its ``deps`` in dvc.yaml."""
     seen: set[str] = set()
     todo = _imports(Path(stage_script))
@@ -80,41 +65,37 @@ def stage_sources(stage_script: str | os.PathLike) -> list[Path]:
     return [Path(stage_script), *sorted(files)]
 
 
-def code_digest(stage_script: str | os.PathLike) -> str:
-    """SHA-256 over :func:`stage_sources` (the package's files named relative to it)."""
-    script, *package = stage_sources(stage_script)
-    both = digest_files(package, root=PACKAGE) + digest_files([script])
-    return hashlib.sha256(both.encode()).hexdigest()
-
-
 def fingerprint(params: Mapping[str, Any], data_dir: str | os.PathLike, stage_script: str | os.PathLike,
                 environment: Mapping[str, Any]) -> dict:
-    """What a saved state must match to be used: the parameters, the processed data's bytes, the code and
-    ``environment``, what decides the bits (:func:`fmnist.runtime.environment`: versions, instruction
-    set, numerics, and the thread count where the bits depend on it)."""
+    """What a saved state must match to be used: the parameters, the processed data's bytes, the code
+    (:func:`stage_sources`) and ``environment`` (:func:`fmnist.runtime.environment`)."""
     data_dir = Path(data_dir)
+    script, *package = stage_sources(stage_script)
+    code = digest_files(package, root=PACKAGE) + digest_files([script])
     return {
         "params": dict(params),
         "data": digest_files([p for p in data_dir.rglob("*") if p.is_file()], root=data_dir),
-        "code": code_digest(stage_script),
+        "code": hashlib.sha256(code.encode()).hexdigest(),
         "environment": dict(environment),
     }
+
+
+def _changed(old: Mapping, new: Mapping) -> list[str]:
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 
 def _mismatch(saved: Mapping, current: Mapping) -> str | None:
     """Why a state made under ``saved`` cannot continue under ``current``; None when it can."""
     if saved.get("params") != current["params"]:
         old, new = saved.get("params") or {}, current["params"]
-        keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        shown = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:4])
+        shown = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in _changed(old, new)[:4])
         return f"the parameters changed ({shown})"
     if saved.get("data") != current["data"]:
         return "the processed data changed"
     if saved.get("code") != current["code"]:
         return "the code changed (src/fmnist or the stage script)"
     if saved.get("environment") != current["environment"]:
-        old, new = saved.get("environment") or {}, current["environment"]
-        keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        keys = _changed(saved.get("environment") or {}, current["environment"])
         return f"what decides the bits changed ({', '.join(keys[:4])}: see fmnist.runtime.environment)"
     return None
 
@@ -151,10 +132,8 @@ class SavedState:
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)
-        try:
+        with contextlib.suppress(OSError):
             self.path.parent.rmdir()  # only when empty: another stage's state may be beside it
-        except OSError:
-            pass
 
 
 def snapshot(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -169,17 +148,16 @@ def snapshot(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def restore(folder: str | os.PathLike, files: Mapping[str, torch.Tensor]) -> None:
     """Write ``files`` (from :func:`snapshot`) under ``folder``."""
-    folder = Path(folder)
     for name, data in files.items():
-        path = folder / name
         if ".." in Path(name).parts or Path(name).is_absolute():
             raise ValueError(f"resume state: unsafe file name {name!r}")
+        path = Path(folder) / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data.numpy().tobytes())
 
 
-def run_state(model: nn.Module, optimizer, scheduler, generator: torch.Generator, manager, epoch: int) -> dict:
-    """Everything the rest of a run depends on after ``epoch`` finished epochs (see :mod:`fmnist.resume`)."""
+def run_state(model: torch.nn.Module, optimizer, scheduler, generator: torch.Generator, manager, epoch: int) -> dict:
+    """Everything the rest of a run depends on after ``epoch`` finished epochs."""
     device = generator.device
     return {
         "epoch": epoch,
@@ -194,7 +172,7 @@ def run_state(model: nn.Module, optimizer, scheduler, generator: torch.Generator
     }
 
 
-def restore_run_state(state: dict, model: nn.Module, optimizer, scheduler, generator: torch.Generator) -> int:
+def restore_run_state(state: dict, model: torch.nn.Module, optimizer, scheduler, generator: torch.Generator) -> int:
     """Put a :func:`run_state` back; returns the number of epochs it had finished."""
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])

@@ -1,35 +1,14 @@
-"""How a run computes, declared and recorded: the CPU instruction set, the thread count, the machine.
-
-Three things outside params.yaml can change results silently: which instruction set PyTorch's
-CPU kernels are dispatched to (AVX-512 on one machine, AVX2 on a teammate's), the thread count
-(MKL's matrix products and the fused kernel's reductions split work by thread), and whether the
-fused kernel is built. So:
-
-- ``numerics: portable`` (the default) pins ATen, oneDNN and MKL to their AVX2 code paths, with
-  MKL's conditional numerical reproducibility in strict mode, so that any x86-64 CPU with AVX2
-  runs the same code; ``native`` lets each library pick the fastest path for this CPU.
-  The libraries read these settings once, at their first operation, so :func:`pin_numerics`
-  must run before any tensor is made (each stage calls it first thing).
-- The thread count follows the cores actually free (:class:`ThreadShare`): a lone training uses
-  every core, two use half each, and one beside other busy work uses what that work leaves.
-  Only a run whose arithmetic does not depend on the thread count (the seed Network on the
-  fused kernel with portable numerics) follows it; any other run always uses every core, so
-  that its bits stay what this machine gives them.
-- :func:`environment` records what of it decides the bits, with the versions, in every run's
-  outputs; :func:`machine` records the rest (CPU, threads) beside the run's logs.
-"""
+"""What decides a run's bits besides params.yaml (instruction set, thread count, versions): pinned,
+checked and recorded (docs/reproducibility.md)."""
 
 from __future__ import annotations
 
-import logging
 import os
 import platform
 import sys
 from pathlib import Path
 
 from .errors import ParamsError, PipelineError
-
-log = logging.getLogger(__name__)
 
 # The settings each library reads once, at its first operation.
 NUMERICS_ENV = {
@@ -40,19 +19,13 @@ PINNED_VARS = sorted({k for env in NUMERICS_ENV.values() for k in env})
 
 
 def pin_numerics(mode: str) -> None:
-    """Set the libraries' instruction-set switches for ``mode``; call before the first tensor operation.
-
-    Variables the mode does not set are removed, so a value left in the shell cannot change
-    results unseen. Raises :class:`PipelineError` when PyTorch is already running other kernels
-    (too late in the process) or the CPU cannot run the portable ones.
-    """
+    """Set the libraries' instruction-set switches for ``mode`` (removing the others, so that the shell's
+    cannot change results unseen); call before the first tensor operation, which fixes the kernels."""
     if mode not in NUMERICS_ENV:
         raise PipelineError(f"numerics must be one of {', '.join(NUMERICS_ENV)}, got {mode!r}")
     for var in PINNED_VARS:
-        if var in NUMERICS_ENV[mode]:
-            os.environ[var] = NUMERICS_ENV[mode][var]
-        else:
-            os.environ.pop(var, None)
+        os.environ.pop(var, None)
+    os.environ.update(NUMERICS_ENV[mode])
     if mode == "portable":
         import torch
 
@@ -68,26 +41,22 @@ def pin_numerics(mode: str) -> None:
                                 "process: call fmnist.runtime.pin_numerics before the first tensor operation")
 
 
-def cpu_model() -> str:
+def _cpuinfo(*keys: str) -> str | None:
+    """The value of the first /proc/cpuinfo line that starts with one of ``keys``; None if there is none."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "Model", "Hardware")):
-                return line.split(":", 1)[1].strip()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith(keys)), None)
+
+
+def cpu_model() -> str:
+    return _cpuinfo("model name", "Model", "Hardware") or platform.processor() or platform.machine()
 
 
 def cpu_isa() -> list[str]:
     """The vector instruction sets this CPU offers that decide which kernels run (x86 and ARM names)."""
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
+    flags = set((_cpuinfo("flags", "Features") or "").split())
     names = {"avx2": "AVX2", "fma": "FMA", "avx512f": "AVX512F", "avx512_bf16": "AVX512_BF16",
              "avx512_vnni": "AVX512_VNNI", "amx_tile": "AMX", "asimd": "NEON", "sve": "SVE"}
     return [name for flag, name in names.items() if flag in flags]
@@ -104,12 +73,8 @@ def available_cores() -> int:
 
 
 def thread_independent(p, device_type: str) -> bool:
-    """Whether run ``p``'s bits are the same for any thread count (docs/reproducibility.md).
-
-    On the CPU, the seed Network on the fused kernel with MKL in strict portable mode is; oneDNN's
-    convolutions (fastnet, or the Network on PyTorch's layers) split their weight-gradient sums by
-    thread, and MKL does too outside strict mode. On CUDA the CPU threads compute nothing.
-    """
+    """Whether run ``p``'s bits are the same for any thread count: on the CPU only the seed Network on the
+    fused kernel with MKL in strict portable mode (oneDNN splits sums by thread); on CUDA always."""
     if device_type != "cpu":
         return True
     return p.model == "network" and p.cpu_kernel == "fused" and p.numerics == "portable" and p.precision != "bfloat16"
@@ -129,12 +94,9 @@ def package_version(name: str) -> str | None:
 
 
 def environment(p, device, cores: int) -> dict:
-    """What decides a run's bits: versions, device, numerics, precision and kernel path.
+    """What decides a run's bits: versions, device, numerics, precision, kernel path (threads where they count).
 
-    It goes into hashed outputs (the checkpoint, the git-tracked ``*_env.json``), so it holds
-    nothing else: two machines that compute the same bits write the same record. The thread count
-    is in it only where the bits depend on it; :func:`machine` has the rest.
-    """
+    It goes into hashed outputs, so it holds nothing else: machines that compute the same bits agree."""
     import torch
 
     from . import kernels
@@ -194,30 +156,19 @@ def make_deterministic() -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
-    # torch.use_deterministic_algorithms also sets torch._inductor.config.deterministic, and importing
-    # that config loads torch.compile's whole stack (inductor, dynamo) at every stage's start, for a
-    # compiler no stage runs (docs/performance.md, start-up). So the switch is set directly
-    # (the same call the public function makes); the compiler's flag too if it is loaded already,
-    # and again by torch itself if a caller later uses the public API. Not warn_only: an operation
-    # with no deterministic implementation is an error, not a warning, where the same bits are
-    # promised (fmnist.stage turns it into one line).
-    if hasattr(torch._C, "_set_deterministic_algorithms"):
-        torch._C._set_deterministic_algorithms(True, warn_only=False)
-        if "torch._inductor.config" in sys.modules:
-            sys.modules["torch._inductor.config"].deterministic = True
-    else:  # a PyTorch without the private switch: the public call, at its cost
-        torch.use_deterministic_algorithms(True)
-    # ...which by default also fills every new tensor from torch.empty with NaN, guarding against
-    # kernels that read memory they never wrote. None of ours do, and the fills are a cost on every
-    # training step, so they are off.
+    # torch.use_deterministic_algorithms imports torch._inductor.config, which loads the compiler stack
+    # no stage runs (docs/performance.md): so its switch is set directly, and the compiler's flag if loaded.
+    # Not warn_only: an operation with no deterministic implementation is an error where bits are promised.
+    torch._C._set_deterministic_algorithms(True, warn_only=False)
+    if "torch._inductor.config" in sys.modules:
+        sys.modules["torch._inductor.config"].deterministic = True
+    # No NaN fill of new tensors (the deterministic mode's guard against reading unwritten memory):
+    # none of our kernels do, and the fills cost every training step.
     torch.utils.deterministic.fill_uninitialized_memory = False
 
 
 def compute_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
-    """The dtype convolutions and matrix products run in for params.yaml's ``precision`` on ``device``.
-
-    ``auto``: bfloat16 on CUDA (tensor cores, half the activation traffic), float32 on the CPU.
-    """
+    """The dtype convolutions and matrix products run in: ``auto`` is bfloat16 on CUDA, float32 on the CPU."""
     import torch
 
     if precision == "auto":
@@ -233,11 +184,8 @@ def autocast(device: torch.device, precision: str = "auto"):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
-def configure(p) -> "torch.device":  # noqa: F821
-    """Everything a stage sets before its first tensor: numerics, deterministic algorithms, device.
-
-    ``p``: the run's :class:`~fmnist.params.TrainParams`. Returns the device it runs on.
-    """
+def configure(p) -> torch.device:
+    """Everything a stage sets before its first tensor, for :class:`~fmnist.params.TrainParams` ``p``: its device."""
     pin_numerics(p.numerics)
     make_deterministic()
     device = resolve_device(p.device)

@@ -1,14 +1,13 @@
 """What every stage entry point shares: logging set up once, user errors as one line, clean stops.
 
-Exit status: 0 done, 1 an error the user can act on (``error: <one line>``; the exceptions behind it
-are kept in :func:`error_log` and printed under ``FMNIST_VERBOSE=1``), 128 + the signal's
-number when stopped by SIGINT (130), SIGTERM (143) or SIGHUP (129). A signal becomes an exception,
-so the ``finally`` clauses of :mod:`fmnist.fileio` remove whatever was being written. The processes
-of a data-parallel run stop silently: their launcher says it once (:func:`fmnist.distributed.launch`).
+Exit status: 0 done, 1 an error the user can act on (``error: <one line>``, details in :func:`error_log`),
+128 + the signal's number when stopped by SIGINT, SIGTERM or SIGHUP: a signal becomes an exception,
+so the ``finally`` clauses of :mod:`fmnist.fileio` remove whatever was being written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -27,17 +26,6 @@ NONDETERMINISTIC = "does not have a deterministic implementation"  # PyTorch's w
 
 def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated(signum)
-
-
-def _install_handlers() -> dict[int, object]:
-    """Make each stop signal raise :class:`Terminated`; return the handlers it replaced."""
-    previous = {}
-    if threading.current_thread() is not threading.main_thread():
-        return previous  # only the main thread may set handlers (and only it runs them)
-    for sig in STOP_SIGNALS:
-        if signal.getsignal(sig) == signal.SIG_DFL:  # an ignored signal (nohup) stays ignored
-            previous[sig] = signal.signal(sig, _raise_terminated)
-    return previous
 
 
 def _describe(e: OSError) -> str:
@@ -64,26 +52,28 @@ def _details(e: BaseException) -> str:
 
 
 def _stop(message: str, status: int, quiet: bool = False, error: BaseException | None = None) -> None:
-    """Print the one line and exit; an error's full story goes to :func:`error_log`, and to stderr too
-    under ``FMNIST_VERBOSE=1``."""
+    """Print the one line and exit; an error's full story goes to :func:`error_log`, and to stderr under
+    ``FMNIST_VERBOSE=1``."""
     if not quiet:
         print(message, file=sys.stderr, flush=True)
     if error is not None:
         details = f"{' '.join(sys.argv)}\n{message}\n\n{_details(error)}"
         if os.environ.get("FMNIST_VERBOSE", "") not in ("", "0"):
             print(details, file=sys.stderr, flush=True)
-        try:
+        with contextlib.suppress(OSError):  # the line is printed; the log is a courtesy
             error_log().parent.mkdir(parents=True, exist_ok=True)
             error_log().write_text(details, encoding="utf-8")
-        except OSError:
-            pass  # the line is printed; the log is a courtesy
     sys.exit(status)
 
 
 def run(main: Callable[[], object]) -> None:
     """Run a stage's ``main``: errors become one line and exit status 1, signals a clean stop (see module doc)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    previous = _install_handlers()
+    previous = {}  # the handlers replaced, put back at the end
+    if threading.current_thread() is threading.main_thread():  # only it may set handlers (and only it runs them)
+        for sig in STOP_SIGNALS:
+            if signal.getsignal(sig) == signal.SIG_DFL:  # an ignored signal (nohup) stays ignored
+                previous[sig] = signal.signal(sig, _raise_terminated)
     launched = "RANK" in os.environ  # one of a launcher's processes: the launcher reports the stop, once
     try:
         main()

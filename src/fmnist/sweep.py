@@ -1,23 +1,8 @@
 """A sweep's runs, trained one after another in this process or side by side in worker processes.
 
-With ``W`` workers (params.yaml's ``sweep_workers``; 0 = one per core, at most one per run) each
-run is trained in its own process, started with the "spawn" method by a standard
-:class:`~concurrent.futures.ProcessPoolExecutor`, with ``cores // W`` threads so that the runs do
-not fight over the cores. A worker trains its run with :func:`fmnist.engine.train_run`, exactly as
-a sequential sweep does, into the same staging folder, and returns the run's rows; this process
-puts the table together in grid order. A run's bits therefore depend only on its parameters and
-its thread count, and not even on that for runs that are thread-count independent (see
-:func:`fmnist.runtime.thread_independent`): those follow :class:`~fmnist.threadshare.ThreadShare` as
-in a sequential sweep, the others keep ``cores // W`` threads throughout.
-
-Resuming (:mod:`fmnist.resume`): the saved state holds every finished run (its rows and its
-TensorBoard files), recorded as each finishes, in whatever order. A sequential sweep also saves
-the run in progress after each epoch; parallel workers do not, so a run that was in progress in
-a worker when the sweep was cut short starts again from its beginning. Either kind of sweep can
-continue the other's state: the worker count is not part of its fingerprint.
-
-Any failure in a worker (a diverged run, bad data) stops the sweep: the other workers are
-terminated, and the error, naming the run, is raised here.
+Each worker trains its run as a sequential sweep would, on ``cores // W`` threads, and returns its rows;
+this process keeps grid order, saves finished runs for resuming and stops everything at the first
+failure (see docs/scale-out.md).
 """
 
 from __future__ import annotations
@@ -39,6 +24,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from . import resume, runtime, threadshare
@@ -48,8 +34,6 @@ from .errors import PipelineError
 from .params import TrainParams
 from .tracking import RunManager, run_name
 
-log = logging.getLogger(__name__)
-
 
 def worker_count(setting: int, n_runs: int, cores: int) -> int:
     """Workers for a sweep of ``n_runs``: ``setting`` (0 = one per core), never more than there are runs."""
@@ -57,7 +41,6 @@ def worker_count(setting: int, n_runs: int, cores: int) -> int:
 
 
 def threads_per_run(cores: int, workers: int) -> int:
-    """Each worker's share of the cores (at least one thread)."""
     return max(1, cores // workers)
 
 
@@ -65,12 +48,7 @@ def run_sweep(
     runs: Sequence, configs: Sequence[TrainParams], data_dir: str | os.PathLike, staging: Path,
     state: resume.SavedState, device, workers: int, threads: int, progress: bool = False,
 ) -> RunManager:
-    """Train every run not finished in ``state``; their TensorBoard folders go under ``staging``.
-
-    ``runs``: the grid's named tuples, ``configs`` their parameters, ``device`` theirs (from
-    :func:`fmnist.runtime.configure`); ``threads``: per run, when ``workers`` > 1. Returns a
-    manager holding every run's rows in grid order (the seed's table).
-    """
+    """Train every run not finished in ``state`` (``threads`` each if ``workers`` > 1); rows in grid order."""
     saved = state.load() or {"finished": {}, "current": None}
     if workers == 1:
         return _sequential(runs, configs, data_dir, staging, state, saved, device, progress)
@@ -97,7 +75,6 @@ def _resume_for(current: dict | None, i: int) -> dict | None:
 
 
 def _sequential(runs, configs, data_dir, staging: Path, state, saved, device, progress: bool) -> RunManager:
-    """Today's sweep: one run after another in this process, the run in progress saved after each epoch."""
     data = load_processed(data_dir)
     train, val = (to_device(s, data.mean, data.std, device) for s in (data.train, data.val))
     finished, current = saved["finished"], saved["current"]
@@ -121,7 +98,6 @@ def _sequential(runs, configs, data_dir, staging: Path, state, saved, device, pr
 
 
 def _parallel(runs, configs, data_dir, staging: Path, state, saved, workers: int, threads: int) -> RunManager:
-    """Every unfinished run in a pool of ``workers`` processes; finished runs recorded as they come in."""
     finished, current = saved["finished"], saved["current"]
     n = len(runs)
     for i, run in enumerate(runs, 1):
@@ -147,7 +123,12 @@ def _parallel(runs, configs, data_dir, staging: Path, state, saved, workers: int
                 current = None
             state.save(finished=finished, current=current)
     except BaseException:  # a failed run, or this process stopped: no worker may outlive the staging folder
-        _terminate_workers()
+        # ProcessPoolExecutor only waits for its workers; this stage starts no other multiprocessing children
+        children = multiprocessing.active_children()
+        for child in children:
+            child.terminate()
+        for child in children:
+            child.join()
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -168,44 +149,26 @@ def _result(future, i: int, n: int, run) -> list[dict]:
                             f"({run_name(run)}) was in progress") from None
 
 
-def _terminate_workers() -> None:
-    """Stop the pool's processes now (ProcessPoolExecutor only waits for them; Python 3.14 adds terminate_workers)."""
-    children = multiprocessing.active_children()  # this stage starts no other multiprocessing children
-    for child in children:
-        child.terminate()
-    for child in children:
-        child.join()
-
-
 def _init_worker(parent: int) -> None:
     """A worker's process-wide setup: die with the sweep, leave Ctrl-C to it, log as a stage does."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the sweep's process hears it and terminates the workers
-    _die_with_parent()
-    if os.getppid() != parent:  # the sweep ended before this worker was ready
-        os._exit(1)
-    # whole lines, each in one write, so that the workers' live tables interleave by line (unbuffered,
-    # as under PYTHONUNBUFFERED, print writes a line and its newline separately)
-    sys.stderr = io.TextIOWrapper(io.BufferedWriter(io.FileIO(2, "w", closefd=False)), encoding=sys.stderr.encoding,
-                                  errors="backslashreplace", line_buffering=True)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    # tqdm would otherwise make a multiprocessing lock, whose semaphore a terminated worker leaks
-    # (a resource_tracker warning after the sweep's error line); workers draw no progress bars
-    tqdm.set_lock(threading.RLock())
-
-
-def _die_with_parent() -> None:
-    """Linux: SIGKILL this process when its parent dies (a ``kill -9`` of the sweep leaves no training behind)."""
-    with contextlib.suppress(OSError, AttributeError, TypeError):
+    with contextlib.suppress(OSError, AttributeError, TypeError):  # Linux only: SIGKILL when the parent dies
         libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
         PR_SET_PDEATHSIG = 1
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the sweep ended before this worker was ready
+        os._exit(1)
+    # whole lines, each in one write, so that the workers' live tables interleave by line
+    sys.stderr = io.TextIOWrapper(io.BufferedWriter(io.FileIO(2, "w", closefd=False)), encoding=sys.stderr.encoding,
+                                  errors="backslashreplace", line_buffering=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # tqdm's default multiprocessing lock leaks a semaphore when a worker is terminated
+    tqdm.set_lock(threading.RLock())
 
 
 @functools.lru_cache(maxsize=1)
 def _splits(data_dir: str, device: str):
     """The train and validation splits on ``device``, loaded once per worker."""
-    import torch
-
     data = load_processed(data_dir)
     return tuple(to_device(s, data.mean, data.std, torch.device(device)) for s in (data.train, data.val))
 
@@ -214,15 +177,13 @@ def train_in_worker(
     i: int, n: int, values: dict, p: TrainParams, data_dir: str, staging: str, threads: int, resume_state: dict | None,
 ) -> list[dict]:
     """Train grid run ``i`` of ``n`` (its grid ``values``) in this worker; its rows, numbered ``i``."""
-    import torch
-
     run = namedtuple("Run", values)(**values)  # the grid's own tuple type is made on the fly: it does not pickle
     _announce(i, n, run_name(run))
     device = runtime.configure(p)  # the same settings as the sweep's process, whose environment this inherited
     torch.set_num_threads(threads)
     train, val = _splits(data_dir, str(device))
     manager = RunManager(log_root=staging, stream=sys.stderr)  # the worker's own stream, not the default
-    manager.run_count = i - 1  # the live table and the rows number runs in grid order, as a sequential sweep does
+    manager.run_count = i - 1  # rows are numbered in grid order, as in a sequential sweep
     # a thread-independent run follows the cores free, as in a sequential sweep; any other keeps its share
     share = threadshare.ThreadShare() if runtime.thread_independent(p, device.type) else contextlib.nullcontext()
     with share as follow:

@@ -12,14 +12,9 @@ from .fileio import atomic_path
 
 
 def freeze_logs(folder: str | Path) -> None:
-    """Make the TensorBoard logs under ``folder`` a function of the run alone, so that DVC hashes them the same.
-
-    TensorBoard stamps every event with the wall-clock time, names each file after the time, host
-    and process, dates the hparams session and writes the graph's maps in no fixed order. Each
-    file is rewritten with every event's time set to its step (the epoch; TensorBoard's *Relative*
-    axis then counts epochs), the hparams dates removed, the graph in a fixed order and a fixed
-    name. Run times stay in the sweep's runs.csv, which nothing hashes.
-    """
+    """Make the TensorBoard logs under ``folder`` a function of the run alone, so that DVC hashes them the same:
+    each run's event files merged into one of a fixed name, every event's time set to its step (the epoch),
+    the hparams dates removed and the graph's maps in a fixed order."""
     from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
     from tensorboard.compat.proto import event_pb2, graph_pb2
     from tensorboard.plugins.hparams import plugin_data_pb2
@@ -34,7 +29,7 @@ def freeze_logs(folder: str | Path) -> None:
                 if event.HasField("file_version") and events:
                     continue  # each file starts with one; a single file keeps only the first
                 event.wall_time = float(event.step)
-                if event.HasField("graph_def"):  # serialised with its maps in no fixed order
+                if event.HasField("graph_def"):
                     graph = graph_pb2.GraphDef.FromString(event.graph_def)
                     event.graph_def = graph.SerializeToString(deterministic=True)
                 for value in event.summary.value:
@@ -57,20 +52,15 @@ def freeze_logs(folder: str | Path) -> None:
 
 
 def _creation_order(path: Path) -> tuple[int, int]:
-    """Sort key of an event file: TensorBoard names it ``events.out.tfevents.<seconds>.<host>.<pid>.<n>``,
-    ``n`` counting the process's writers (a run's hparams go to a second writer, a resumed run's
-    events to a file of a later process)."""
+    """Sort key of ``events.out.tfevents.<seconds>.<host>.<pid>.<n>``, ``n`` counting a process's writers."""
     parts = path.name.split(".")
     seconds = int(parts[3]) if len(parts) > 3 and parts[3].isdigit() else 0
     return seconds, int(parts[-1]) if parts[-1].isdigit() else -1
 
 
 def image_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2) -> torch.Tensor:
-    """Gray images [N, 1, H, W] as one RGB picture [3, rows * (H + p) + p, nrow * (W + p) + p], scaled to [0, 1].
-
-    torchvision's ``make_grid(images, nrow, padding, normalize=True)``, pixel for pixel: importing
-    torchvision for it loads torch.compile's stack, a slow import for one picture.
-    """
+    """Gray images [N, 1, H, W] as one RGB picture [3, rows * (H + p) + p, nrow * (W + p) + p], scaled to [0, 1]:
+    torchvision's ``make_grid(..., normalize=True)`` pixel for pixel, without importing torchvision (slow)."""
     n, _, h, w = images.shape
     low, high = float(images.min()), float(images.max())
     scaled = images.clamp(low, high).sub(low).div(max(high - low, 1e-5))
@@ -83,8 +73,8 @@ def image_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2) -> torch.T
 
 
 def add_histogram(writer, tag: str, values: torch.Tensor, step: int) -> None:
-    """``writer.add_histogram``'s buckets, with exactly rounded sums: TensorBoard's own sum of squares is a
-    BLAS dot product, whose last bit depends on the thread count and the CPU."""
+    """``writer.add_histogram`` with exactly rounded sums: TensorBoard's own sum of squares is a BLAS
+    dot product, whose last bit depends on the thread count and the CPU."""
     from torch.utils.tensorboard.summary import make_histogram
 
     v = values.detach().double().cpu().numpy().ravel()

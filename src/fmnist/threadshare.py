@@ -1,9 +1,4 @@
-"""Sharing a machine's cores between the trainings on it, across processes.
-
-OpenMP threads that outnumber the free cores spin against each other, so a training whose bits
-do not depend on the thread count takes only its share (:class:`ThreadShare`); any other run
-uses every core, so that its bits stay what this machine gives them.
-"""
+"""Sharing a machine's cores between the trainings on it, across processes (:class:`ThreadShare`)."""
 
 from __future__ import annotations
 
@@ -35,38 +30,23 @@ def busy_seconds(cpus: set[int]) -> float | None:
     return busy / os.sysconf("SC_CLK_TCK")
 
 
-def trainings_folder() -> Path:
-    """Where this user's trainings register (:class:`ThreadShare`): a folder only this user can enter."""
-    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
-    return Path(base) / f"fmnist-trainings-{os.getuid()}"
-
-
 class ThreadShare:
-    """This process's share of the machine's cores, given the trainings and other work running on it.
+    """This process's share of the cores, as a context manager around a training; :meth:`rebalance` per epoch.
 
-    OpenMP threads that outnumber the free cores spin against each other and slow every training
-    on the machine to a crawl (docs/performance.md). So a run whose bits do not depend
-    on the thread count takes, before each epoch, the smaller of
-
-    - ``cores // trainings``: each fmnist training holds a lock on a file in this user's private
-      folder (:func:`trainings_folder`) and counts the locked files (a dead owner's lock vanishes
-      with it);
-    - the cores other processes left free during the last epoch: the machine's busy time on this
-      process's cores (/proc/stat) minus this process's own CPU time.
-
-    Any other run always uses every core, so that its bits stay what this machine gives them.
-    Use as a context manager around the training; :meth:`rebalance` before each epoch.
+    OpenMP threads that outnumber the free cores spin against each other (docs/performance.md), so a
+    run whose bits allow it takes the smaller of ``cores // trainings`` (each training locks a file in
+    this user's private folder; a dead owner's lock vanishes with it) and the cores other processes
+    left free in the last epoch (/proc/stat's busy time minus this process's). Any other run uses all.
     """
+
+    SAMPLE = 0.25  # seconds of /proc/stat the first measurement waits for: shorter is below its clock ticks
 
     def __init__(self, cores: int | None = None, folder: str | os.PathLike | None = None):
         self.cores = cores or available_cores()
-        self.folder = Path(folder or trainings_folder())
-        self._file = None
-        self._path: Path | None = None
-        try:
-            self._cpus = os.sched_getaffinity(0)
-        except AttributeError:
-            self._cpus = set()
+        base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+        self.folder = Path(folder or Path(base) / f"fmnist-trainings-{os.getuid()}")
+        self._file = self._path = None
+        self._cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
         self._last: tuple[float, float, float] | None = None  # (wall, machine busy, own CPU) seconds
 
     def __enter__(self) -> ThreadShare:
@@ -112,14 +92,9 @@ class ThreadShare:
                     path.unlink()
         return max(live, 1)
 
-    SAMPLE = 0.25  # seconds of /proc/stat the first measurement waits for: shorter is below its clock ticks
-
     def others_load(self) -> float:
-        """Cores' worth of work other processes did on this process's cores since the last call.
-
-        The first call, with nothing to compare with, waits :attr:`SAMPLE` seconds and measures
-        those: a training that starts beside busy work does not take every core for its first epoch.
-        """
+        """Cores' worth of work other processes did on this process's cores since the last call (the first
+        call measures :attr:`SAMPLE` seconds: a training that starts beside busy work leaves it its cores)."""
         if self._last is None:
             self._last = (time.monotonic(), busy_seconds(self._cpus), time.process_time())
             time.sleep(self.SAMPLE)
@@ -133,8 +108,7 @@ class ThreadShare:
     def threads_for(self, follow: bool) -> int:
         if not follow:
             return self.cores
-        others = self.others_load()
-        free = self.cores - int(others + 0.5)  # a core mostly busy elsewhere is not free
+        free = self.cores - int(self.others_load() + 0.5)  # a core mostly busy elsewhere is not free
         return max(1, min(self.cores // self.count(), free))
 
     def rebalance(self, p, device_type: str) -> int:

@@ -1,14 +1,8 @@
-"""The seed's RunBuilder and RunManager, kept under the names users know, with the seed's faults fixed.
-
-``RunManager`` tracks and records; it does not train, load data or build loaders. Losses are
-averaged over the true number of samples (the seed multiplied by the nominal batch size, which
-overcounts a short last batch), the network it records is passed in (the seed read a global), and
-per-batch values stay on the device until the epoch ends (no synchronisation per batch).
-"""
+"""The seed's RunBuilder and RunManager, under the names users know: RunManager only tracks and records,
+averages losses over the true number of samples and keeps per-batch values on the device until the epoch ends."""
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
 import warnings
@@ -22,8 +16,6 @@ from torch import nn
 
 from .fileio import write_csv, write_json
 from .tensorboard_logs import add_histogram, freeze_logs, image_grid
-
-log = logging.getLogger(__name__)
 
 TIMINGS = ("epoch_duration", "run_duration")  # the table's wall-clock columns: never in files kept in git
 
@@ -42,11 +34,13 @@ def run_name(run) -> str:
 
 
 class RunManager:
-    """Records runs and their epochs: TensorBoard logs, a table of rows, a progress line per epoch.
+    """Records runs and their epochs: TensorBoard logs under ``log_root/<name>`` (None: none), rows, a progress
+    line per epoch. ``histograms``: every parameter and its gradient, once per epoch."""
 
-    ``log_root``: TensorBoard folder; each run writes to ``log_root/<name>``. ``None`` disables
-    TensorBoard. ``histograms``: write every parameter and its gradient once per epoch.
-    """
+    _HEADER = (f"{'run':>4} {'epoch':>5} {'loss':>8} {'accuracy':>8} {'val_loss':>9} {'val_acc':>8} {'epoch':>8} "
+               f"{'run':>9}  params")
+    _ROW = ("{run:>4} {epoch:>5} {loss:>8.4f} {accuracy:>8.2%} {val_loss:>9} {val_accuracy:>8} {epoch_duration:>7.1f}s "
+            "{run_duration:>8.1f}s  {name}")
 
     def __init__(self, log_root: str | Path | None = None, histograms: bool = True, stream=sys.stderr):
         self.log_root = Path(log_root) if log_root is not None else None
@@ -65,17 +59,14 @@ class RunManager:
         self.epoch_num_correct = 0
         self.epoch_samples = 0
 
-    # -- runs -----------------------------------------------------------------------------
     def begin_run(
         self, run, network: nn.Module, name: str | None = None, example: torch.Tensor | None = None,
         log_dir: str | Path | None = None, resume: dict | None = None,
     ) -> None:
-        """Start recording ``run`` (a named tuple) of ``network``; ``example`` (a batch) draws the graph and an image grid.
+        """Start recording ``run`` (a named tuple) of ``network``; ``example`` (a batch) draws the graph and images.
 
-        TensorBoard writes to ``log_dir`` if given, else to ``log_root/<name>``. ``resume``: the
-        state of this run cut short (:func:`fmnist.resume.run_state`): its rows and TensorBoard
-        events are put back and the run goes on from its last epoch.
-        """
+        TensorBoard writes to ``log_dir``, else ``log_root/<name>``. ``resume``: a :func:`fmnist.resume.run_state`
+        of this run cut short, whose rows and events are put back."""
         self.run_start_time = time.perf_counter()
         self.run_params = run
         self.run_count += 1
@@ -97,15 +88,14 @@ class RunManager:
 
             self.tb = SummaryWriter(log_dir=str(log_dir))
             if example is not None and resume is None:  # a resumed run's log has them already
-                grid = image_grid(example[:64].float().cpu(), nrow=8)
-                self.tb.add_image("images", grid)
+                self.tb.add_image("images", image_grid(example[:64].float().cpu(), nrow=8))
                 was_training = network.training
                 network.eval()
                 with warnings.catch_warnings():  # add_graph traces with torch.jit, which warns it is deprecated
                     warnings.simplefilter("ignore", FutureWarning)
                     self.tb.add_graph(network, example[:8])
                 network.train(was_training)
-        print(self._header(), file=self.stream, flush=True)
+        print(self._HEADER, file=self.stream, flush=True)
         if resume is not None:
             for row in resume["rows"]:
                 print(self._format(row), file=self.stream)
@@ -142,7 +132,6 @@ class RunManager:
             self.tb.close()
             self.tb = None
 
-    # -- epochs ---------------------------------------------------------------------------
     def begin_epoch(self) -> None:
         self.epoch_start_time = time.perf_counter()
         self.epoch_count += 1
@@ -159,60 +148,42 @@ class RunManager:
     def end_epoch(self, val_loss: float | None = None, val_accuracy: float | None = None) -> dict:
         """Close the epoch: averages over the samples seen, TensorBoard scalars and histograms, one row."""
         n = max(self.epoch_samples, 1)
-        loss = float(self.epoch_loss) / n
-        accuracy = int(self.epoch_num_correct) / n  # exact: a fraction of two counts
         now = time.perf_counter()
         row = {
-            "run": self.run_count,
-            "name": self.run_name,
-            "epoch": self.epoch_count,
-            "loss": loss,
-            "accuracy": accuracy,
-            "val_loss": val_loss,
-            "val_accuracy": val_accuracy,
-            "epoch_duration": now - self.epoch_start_time,
-            "run_duration": now - self.run_start_time,
+            "run": self.run_count, "name": self.run_name, "epoch": self.epoch_count,
+            "loss": float(self.epoch_loss) / n, "accuracy": int(self.epoch_num_correct) / n,  # exact: two counts
+            "val_loss": val_loss, "val_accuracy": val_accuracy,
+            "epoch_duration": now - self.epoch_start_time, "run_duration": now - self.run_start_time,
             **(self.run_params._asdict() if self.run_params is not None else {}),
         }
         self.run_data.append(row)
         if self.tb is not None:
-            self._write_epoch(row)
+            e = self.epoch_count
+            self.tb.add_scalar("Loss/train", row["loss"], e)
+            self.tb.add_scalar("Accuracy/train", row["accuracy"], e)
+            if val_loss is not None:
+                self.tb.add_scalar("Loss/val", val_loss, e)
+                self.tb.add_scalar("Accuracy/val", val_accuracy, e)
+            if self.histograms:
+                for name, param in self.network.named_parameters():
+                    add_histogram(self.tb, name, param, e)
+                    if param.grad is not None:
+                        add_histogram(self.tb, f"{name}.grad", param.grad, e)
+            self.tb.flush()
         print(self._format(row), file=self.stream, flush=True)
         return row
 
-    def _write_epoch(self, row: dict) -> None:
-        e = self.epoch_count
-        self.tb.add_scalar("Loss/train", row["loss"], e)
-        self.tb.add_scalar("Accuracy/train", row["accuracy"], e)
-        if row["val_loss"] is not None:
-            self.tb.add_scalar("Loss/val", row["val_loss"], e)
-            self.tb.add_scalar("Accuracy/val", row["val_accuracy"], e)
-        if self.histograms:
-            for name, param in self.network.named_parameters():
-                add_histogram(self.tb, name, param, e)
-                if param.grad is not None:
-                    add_histogram(self.tb, f"{name}.grad", param.grad, e)
-        self.tb.flush()
-
-    # -- the live table -------------------------------------------------------------------
-    _FMT = "{run:>4} {epoch:>5} {loss:>8.4f} {accuracy:>8.2%} {val_loss:>9} {val_accuracy:>8} {epoch_duration:>7.1f}s {run_duration:>8.1f}s  {name}"
-
-    def _header(self) -> str:
-        return f"{'run':>4} {'epoch':>5} {'loss':>8} {'accuracy':>8} {'val_loss':>9} {'val_acc':>8} {'epoch':>8} {'run':>9}  params"
-
     def _format(self, row: dict) -> str:
-        return self._FMT.format(
-            **{**row, "val_loss": "-" if row["val_loss"] is None else f"{row['val_loss']:.4f}",
-               "val_accuracy": "-" if row["val_accuracy"] is None else f"{row['val_accuracy']:.2%}"},
-        )
+        val_loss, val_acc = row["val_loss"], row["val_accuracy"]
+        return self._ROW.format(**{**row, "val_loss": "-" if val_loss is None else f"{val_loss:.4f}",
+                                   "val_accuracy": "-" if val_acc is None else f"{val_acc:.2%}"})
 
-    # -- results --------------------------------------------------------------------------
     def run_rows(self) -> list[dict]:
         """The rows of the current run."""
         return [r for r in self.run_data if r["run"] == self.run_count]
 
     def dataframe(self) -> "pd.DataFrame":  # noqa: F821
-        """Every row as a pandas DataFrame, as the seed's RunManager gives it (for notebooks; no stage uses it)."""
+        """Every row as a pandas DataFrame, as the seed's RunManager gives it."""
         import pandas as pd
 
         return pd.DataFrame.from_records(self.run_data)
