@@ -80,24 +80,6 @@ def test_killed_train_resumes_to_the_same_bits(tmp_path, processed_small):
 
 
 
-def test_killed_sweep_redoes_only_unfinished_runs(tmp_path, processed_small):
-    params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"sweep_workers": 1, "sweep": {"lr": [0.01, 0.02], "epochs": [8]}},
-                                      sort_keys=False))  # one run after another (two workers: test_sweep_parallel)
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
-    finish(start("sweep", whole, processed_small, params))
-
-    proc = start("sweep", cut, processed_small, params)
-    log0 = cut / "log-0.txt"
-    kill_when(proc, lambda: "   2     1 " in log0.read_text())  # run 2's first epoch ended
-    log = finish(start("sweep", cut, processed_small, params))
-    assert "sweep run 1/2: lr=0.01,epochs=8: finished earlier" in log
-    assert "   1     1 " not in log  # run 1 was not trained again
-    # runs.csv and runs.json keep the seed's table with its wall-clock durations: not compared
-    same_tree(whole, cut, skip=("runs.csv", "runs.json", "log-0.txt", "log-1.txt", "log-2.txt"))
-    assert not (cut / "state").exists()
-
-
 def test_state_made_with_other_params_data_code_or_environment_is_not_used(tmp_path, caplog):
     data = tmp_path / "data"
     data.mkdir()

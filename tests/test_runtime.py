@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 import yaml
 
 from fmnist import params, runtime
@@ -57,7 +58,6 @@ TRAIN_AND_HASH = """
     import hashlib, io, torch
     from fmnist import params, runtime
     runtime.pin_numerics({numerics!r})
-    torch.set_num_threads({threads})
     from fmnist.data import load_processed
     from fmnist.engine import to_device, train_run
     from fmnist.runtime import make_deterministic
@@ -67,31 +67,35 @@ TRAIN_AND_HASH = """
     train, val = (to_device(s, data.mean, data.std, torch.device("cpu")) for s in (data.train, data.val))
     p = params.train_params({{}}, epochs=2, batch_size=100, numerics={numerics!r}, cpu_kernel={kernel!r}, model={model!r}, width=8,
                            precision={precision!r})
-    model, metrics = train_run(p, train, val, RunManager(stream=io.StringIO()))
-    assert torch.get_num_threads() == {threads}
-    print(hashlib.sha256(b"".join(t.numpy().tobytes() for t in model.state_dict().values())).hexdigest(), metrics)
+    for threads in {threads!r}:  # one run per thread count, each from the seed
+        torch.set_num_threads(threads)
+        model, metrics = train_run(p, train, val, RunManager(stream=io.StringIO()))
+        assert torch.get_num_threads() == threads
+        print(hashlib.sha256(b"".join(t.numpy().tobytes() for t in model.state_dict().values())).hexdigest(), metrics)
 """
 
 
-def train_hash(data, threads, numerics="portable", kernel="fused", model="network", precision="auto") -> str:
-    proc = python(TRAIN_AND_HASH.format(data=str(data), threads=threads, numerics=numerics, kernel=kernel, model=model,
-                                        precision=precision))
+def train_hashes(data, threads, numerics="portable", kernel="fused", model="network", precision="auto") -> list[str]:
+    """The weights' hash and metrics of a short training in a fresh process, for each thread count in ``threads``."""
+    proc = python(TRAIN_AND_HASH.format(data=str(data), threads=list(threads), numerics=numerics, kernel=kernel,
+                                        model=model, precision=precision))
     assert proc.returncode == 0, proc.stderr
-    return proc.stdout
+    return proc.stdout.splitlines()
 
 
 def test_the_default_training_gives_the_same_bits_with_1_2_and_4_threads(processed_small):
     # the fused kernel sums in fixed blocks of images, MKL runs in strict mode: no sum depends on threads
-    runs = {t: train_hash(processed_small, t) for t in (1, 2, 4)}
-    assert runs[1] == runs[2] == runs[4], runs
+    runs = train_hashes(processed_small, (1, 2, 4))
+    assert len(runs) == 3 and runs[0] == runs[1] == runs[2], runs
 
 
 def test_bfloat16_on_the_cpu_reruns_to_the_same_bits_and_differs_from_float32(processed_small):
-    bf16 = [train_hash(processed_small, 2, numerics="native", model="fastnet", precision="bfloat16") for _ in range(2)]
-    fp32 = train_hash(processed_small, 2, numerics="native", model="fastnet", precision="float32")
+    bf16 = [train_hashes(processed_small, [2], numerics="native", model="fastnet", precision="bfloat16")[0]
+            for _ in range(2)]  # each in its own process
+    fp32 = train_hashes(processed_small, [2], numerics="native", model="fastnet", precision="float32")[0]
     assert bf16[0] == bf16[1]
     assert bf16[0] != fp32  # autocast did run the convolutions in bfloat16
-    assert fp32 == train_hash(processed_small, 2, numerics="native", model="fastnet")  # auto is float32 on the CPU
+    assert runtime.compute_dtype(torch.device("cpu"), "auto") == torch.float32  # auto is float32 on the CPU
 
 
 def test_bfloat16_on_the_cpu_with_portable_numerics_is_a_one_line_error(tmp_path, processed_small):

@@ -1,4 +1,5 @@
-"""The sweep's runs side by side in worker processes: the bytes of a sequential sweep, clean failures, resuming."""
+"""The sweep's runs side by side in worker processes and one after another: the same bytes, clean failures, and
+resuming a sweep cut short in either way, each compared with one uninterrupted sequential sweep."""
 
 import os
 import signal
@@ -62,32 +63,41 @@ def test_workers_and_threads_split_the_cores(setting, runs, cores, workers, thre
     assert threads_per_run(cores, workers) == threads
 
 
-GRID = {"lr": [0.01, 0.02], "epochs": [1, 2]}
+# runs 1 and 3 end after one epoch, 2 and 4 take eight: a cut made while run 2 trains finds run 1 done
+GRID = {"lr": [0.01, 0.02], "epochs": [1, 8]}
+SKIP = ("params.yaml", "machine.json", "runs.csv", "runs.json", "log.txt")
 
 
-def test_two_workers_write_the_bytes_of_a_sequential_sweep(tmp_path, processed_small):
-    one = sweep(tmp_path / "one", processed_small, 1, GRID)
+@pytest.fixture(scope="module")
+def sequential(tmp_path_factory, processed_small) -> Path:
+    """The outputs of one uninterrupted sequential sweep of GRID: what every other sweep here must match."""
+    out = tmp_path_factory.mktemp("sequential")
+    proc = sweep(out, processed_small, 1, GRID)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    return out
+
+
+def test_two_workers_write_the_bytes_of_a_sequential_sweep(tmp_path, processed_small, sequential):
     two = sweep(tmp_path / "two", processed_small, 2, GRID)
-    assert one.returncode == 0, one.stderr
     assert two.returncode == 0, two.stderr
-    for out in (one, two):
-        assert "Traceback" not in out.stderr and "leaked" not in out.stderr
+    assert "Traceback" not in two.stderr and "leaked" not in two.stderr
     # sweep.csv, sweep_best.json, the record of what decided the bits and every run's TensorBoard
     # events, byte for byte
-    same_tree(tmp_path / "one", tmp_path / "two", skip=("params.yaml", "machine.json", "runs.csv", "runs.json"))
+    same_tree(sequential, tmp_path / "two", skip=SKIP)
     assert len(list((tmp_path / "two" / "runs").rglob("*tfevents*"))) == 4
     # the seed's table, in grid order, the same but for its wall-clock columns
-    tables = [pd.read_csv(tmp_path / d / "runs" / "runs.csv").drop(columns=TIMINGS) for d in ("one", "two")]
+    tables = [pd.read_csv(d / "runs" / "runs.csv").drop(columns=TIMINGS) for d in (sequential, tmp_path / "two")]
     pd.testing.assert_frame_equal(*tables)
-    assert tables[1]["run"].tolist() == [1, 2, 2, 3, 4, 4]
+    assert tables[1]["run"].tolist() == [1, *[2] * 8, 3, *[4] * 8]
     # the machine's record beside the logs: the worker count and each run's threads
-    machines = [yaml.safe_load((tmp_path / d / "runs" / "machine.json").read_text()) for d in ("one", "two")]
+    machines = [yaml.safe_load((d / "runs" / "machine.json").read_text()) for d in (sequential, tmp_path / "two")]
     cores = len(os.sched_getaffinity(0))
     assert (machines[0]["sweep_workers"], machines[0]["threads"]) == (1, cores)
     assert (machines[1]["sweep_workers"], machines[1]["threads"]) == (2, max(1, cores // 2))
     # the live table: each worker's rows, numbered and named by run
-    rows = [line.split() for line in two.stderr.splitlines() if line.endswith("  lr=0.02,epochs=2")]
-    assert [row[:2] for row in rows] == [["4", "1"], ["4", "2"]]
+    rows = [line.split() for line in two.stderr.splitlines() if line.endswith("  lr=0.02,epochs=8")]
+    assert [row[:2] for row in rows] == [["4", str(epoch)] for epoch in range(1, 9)]
     assert all(f"sweep run {i}/4: " in two.stderr for i in range(1, 5))
     assert not [line for line in two.stderr.splitlines() if line.count("epochs=") > 1]  # whole lines, never mixed
 
@@ -106,40 +116,48 @@ def test_a_diverged_run_stops_every_worker_with_one_line_and_leaves_no_outputs(t
     assert "   1   500 " not in proc.stderr  # run 1 was stopped, not waited for
 
 
-def test_a_killed_parallel_sweep_takes_its_workers_along_and_redoes_only_unfinished_runs(tmp_path, processed_small):
-    grid = {"lr": [0.01, 0.02], "epochs": [1, 10]}  # run 1 ends early; run 2 is still training then
-    whole = sweep(tmp_path / "whole", processed_small, 2, grid)
-    assert whole.returncode == 0, whole.stderr
-
+def test_a_killed_parallel_sweep_takes_its_workers_along_and_redoes_only_unfinished_runs(
+        tmp_path, processed_small, sequential):
     cut = tmp_path / "cut"
-    proc = sweep(cut, processed_small, 2, grid, wait=False)
+    proc = sweep(cut, processed_small, 2, GRID, wait=False)
     kill_when(proc, lambda: (cut / "state.pt").exists())  # run 1 finished and recorded
     deadline = time.monotonic() + 10
     while workers_alive(cut):  # the workers die with the sweep (PR_SET_PDEATHSIG), not after their runs
         assert time.monotonic() < deadline, "a worker outlived its killed sweep"
         time.sleep(0.05)
     (cut / "params.yaml").unlink()
-    again = sweep(cut, processed_small, 2, grid)
+    again = sweep(cut, processed_small, 2, GRID)
     assert again.returncode == 0, again.stderr
     assert "sweep run 1/4: lr=0.01,epochs=1: finished earlier" in again.stderr
     assert "   1     1 " not in again.stderr  # run 1 was not trained again
-    same_tree(tmp_path / "whole", cut, skip=("runs.csv", "runs.json", "log.txt"))
+    same_tree(sequential, cut, skip=SKIP)
     assert not (cut / "state.pt").exists()
 
 
-def test_a_parallel_sweep_continues_the_epoch_state_of_an_interrupted_sequential_one(tmp_path, processed_small):
-    grid = {"lr": [0.01, 0.02], "epochs": [5]}
-    whole = sweep(tmp_path / "whole", processed_small, 1, grid)
-    assert whole.returncode == 0, whole.stderr
-
+def test_a_killed_sequential_sweep_redoes_only_unfinished_runs_and_continues_the_one_cut(
+        tmp_path, processed_small, sequential):
     cut = tmp_path / "cut"
-    proc = sweep(cut, processed_small, 1, grid, wait=False)
+    proc = sweep(cut, processed_small, 1, GRID, wait=False)
+    kill_when(proc, lambda: "   2     2 " in proc.log.read_text())  # run 2's first epoch ended and was saved
+    (cut / "params.yaml").unlink()
+    again = sweep(cut, processed_small, 1, GRID)
+    assert again.returncode == 0, again.stderr
+    assert "sweep run 1/4: lr=0.01,epochs=1: finished earlier" in again.stderr
+    assert "   1     1 " not in again.stderr and "resumed after epoch" in again.stderr  # run 1 not trained again
+    same_tree(sequential, cut, skip=SKIP)
+    assert not (cut / "state.pt").exists()
+
+
+def test_a_parallel_sweep_continues_the_epoch_state_of_an_interrupted_sequential_one(
+        tmp_path, processed_small, sequential):
+    cut = tmp_path / "cut"
+    proc = sweep(cut, processed_small, 1, GRID, wait=False)
     kill_when(proc, lambda: "   2     2 " in proc.log.read_text())  # run 2 is in its epochs
     (cut / "params.yaml").unlink()
-    again = sweep(cut, processed_small, 2, grid)  # the worker count is not part of the state's fingerprint
+    again = sweep(cut, processed_small, 2, GRID)  # the worker count is not part of the state's fingerprint
     assert again.returncode == 0, again.stderr
     assert "finished earlier" in again.stderr and "resumed after epoch" in again.stderr
-    same_tree(tmp_path / "whole", cut, skip=("runs.csv", "runs.json", "machine.json", "log.txt", "params.yaml"))
+    same_tree(sequential, cut, skip=SKIP)
 
 
 def test_sigterm_stops_a_parallel_sweep_and_its_workers_cleanly(tmp_path, processed_small):
