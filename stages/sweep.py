@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from fmnist import params, resume, runtime, stage, sweep
-from fmnist.fileio import atomic_dir, atomic_path, write_json
+from fmnist.fileio import atomic_dir, write_csv, write_json
 from fmnist.tracking import TIMINGS, RunBuilder
 
 
@@ -45,8 +45,7 @@ def main() -> None:
                                   progress=sys.stderr.isatty())
         manager.save(staging / "runs")
         write_json(staging / "machine.json", {**runtime.machine(device, threads), "sweep_workers": workers})
-    with atomic_path(args.results) as tmp:
-        manager.dataframe().drop(columns=list(TIMINGS)).to_csv(tmp, index=False)
+    write_csv(args.results, [{k: v for k, v in row.items() if k not in TIMINGS} for row in manager.run_data])
     write_json(args.best, max(sweep.finals(runs, manager), key=lambda f: f["val_accuracy"]))
     write_json(args.env, env)
     state.clear()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ def pytest_configure(config):
 
     runtime.pin_numerics("portable")
     # the stages' error logs (fmnist.stage.error_log) go to a folder of this run, not the user's own
-    os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="fmnist-tests-state-")
+    config.stash[STATE] = os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="fmnist-tests-state-")
     if config.rootpath == ROOT:  # this repository's suite, not a pytest that a test starts elsewhere
         config.stash[CHECKOUT] = checkout_state()
 
@@ -39,6 +40,7 @@ def pytest_configure(config):
 # folder (any dvc command writes there, a read-only one like `dvc dag` included); Python's bytecode too.
 CACHES = (".venv/", ".pytest_cache/", ".dvc/tmp/")
 CHECKOUT = pytest.StashKey[list]()
+STATE = pytest.StashKey[str]()
 
 
 def checkout_state() -> list[str]:
@@ -74,6 +76,12 @@ def pytest_sessionfinish(session, exitstatus):
         if reporter is not None:
             reporter.write_line(f"FAILED {message}", red=True, bold=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_unconfigure(config):
+    """Remove this process's error-log folder (each xdist worker has its own)."""
+    if STATE in config.stash:
+        shutil.rmtree(config.stash[STATE], ignore_errors=True)
 
 
 def idx_images(images: np.ndarray, magic: int = 0x803, count: int | None = None) -> bytes:

@@ -283,6 +283,11 @@ def test_write_csv_writes_the_bytes_of_pandas_to_csv(tmp_path):
     write_csv(tmp_path / "names.csv", names, ["actual", "predicted"])
     pd.DataFrame(names).to_csv(tmp_path / "names_pandas.csv", index=False)
     assert (tmp_path / "names.csv").read_bytes() == (tmp_path / "names_pandas.csv").read_bytes()
+    # without columns: every key in order of first appearance, a row's missing ones empty (a sweep's table)
+    runs = [{"run": 1, "lr": 0.01}, {"run": 2, "lr": 0.02, "width": 8.0}, {"width": 16.0, "run": 3, "lr": None}]
+    write_csv(tmp_path / "runs.csv", runs)
+    pd.DataFrame.from_records(runs).to_csv(tmp_path / "runs_pandas.csv", index=False)
+    assert (tmp_path / "runs.csv").read_bytes() == (tmp_path / "runs_pandas.csv").read_bytes()
 
 
 class _StoppedWhileWriting(io.RawIOBase):

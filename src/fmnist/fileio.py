@@ -236,8 +236,11 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def write_csv(path: str | os.PathLike, rows: list[dict], columns: list[str]) -> None:
-    """``rows`` as CSV with a header of ``columns`` (None as an empty field): pandas' ``to_csv(index=False)`` bytes."""
+def write_csv(path: str | os.PathLike, rows: list[dict], columns: list[str] | None = None) -> None:
+    """``rows`` as CSV with a header of ``columns`` (by default every key, in order of first appearance; None as
+    an empty field): pandas' ``DataFrame.from_records(rows).to_csv(index=False)`` bytes, but for an int column
+    with gaps, which pandas writes as floats."""
+    columns = columns or list(dict.fromkeys(k for row in rows for k in row))
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()

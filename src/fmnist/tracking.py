@@ -191,6 +191,5 @@ class RunManager:
     def save(self, file_name: str | Path) -> None:
         """Write every row to ``<file_name>.csv`` and ``<file_name>.json``, atomically."""
         file_name = Path(file_name)
-        columns = list(dict.fromkeys(k for row in self.run_data for k in row))
-        write_csv(file_name.with_suffix(".csv"), self.run_data, columns)
+        write_csv(file_name.with_suffix(".csv"), self.run_data)
         write_json(file_name.with_suffix(".json"), self.run_data)
