@@ -1,4 +1,4 @@
-"""The shared fixtures' own guarantees."""
+"""The test setup's own guarantees: the shared fixtures, and CI running the README's test command."""
 
 import os
 import subprocess
@@ -32,3 +32,10 @@ def test_a_missing_mirror_skips_outside_ci(tmp_path):
     proc = run_with_mirror(tmp_path, None)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "1 skipped" in proc.stdout and f"the Fashion-MNIST mirror is not at {tmp_path / 'empty'}" in proc.stdout
+
+
+def test_ci_runs_the_readmes_test_command():
+    readme = (ROOT / "README.md").read_text()
+    assert "make test      # create .venv" in readme and "`make test` is the test command" in readme
+    commands = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
+    assert commands[-1] == "make test"

@@ -3,12 +3,14 @@
 import csv
 import io
 import json
+import shlex
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
+from .conftest import ROOT
 from .e2e import git_clone, repo_clone, set_params, sh
 
 pytestmark = pytest.mark.e2e
@@ -72,6 +74,25 @@ def test_exp_run_with_a_new_lr_reruns_train_and_evaluate_only_and_diffs_show_it(
 
     show = sh(repo, "dvc", "exp", "show", "--csv").stdout
     assert "test_accuracy" in show and "0.02" in show
+
+
+def test_the_readmes_experiment_table_has_its_six_columns(pipeline):
+    command = next(line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("dvc exp show --md"))
+    table = sh(pipeline.repo, *shlex.split(command)).stdout.splitlines()
+    header = [cell.strip() for cell in table[0].strip("|").split("|")]
+    assert header == ["Experiment", "test_accuracy", "model", "lr", "batch_size", "epochs"]
+    assert [cell.strip() for cell in table[2].strip("|").split("|")][0] == "workspace"
+
+
+def test_a_failed_experiment_leaves_no_model_and_dvc_checkout_restores_the_locked_one(pipeline, tmp_path):
+    repo = repo_clone(pipeline.repo, tmp_path / "repo")
+    locked = (repo / "models" / "model.pt").read_bytes()
+    failed = sh(repo, "dvc", "exp", "run", "-S", "optimizer=adamw", check=False)
+    assert failed.returncode != 0 and "error: params.yaml: optimizer must be" in failed.stdout + failed.stderr
+    assert not (repo / "models" / "model.pt").exists()  # DVC removed the stage's outputs before running it
+    restored = sh(repo, "dvc", "checkout", "models/model.pt")
+    assert "Running stage" not in restored.stdout
+    assert (repo / "models" / "model.pt").read_bytes() == locked
 
 
 def test_plots_show_writes_html(repo, reproduced, tmp_path):

@@ -256,3 +256,13 @@ def test_sweep_workers_is_zero_for_auto_or_a_positive_count():
     for bad in (-1, 1.5, True, "2", None):
         with pytest.raises(ParamsError, match="sweep_workers must be 0"):
             params.sweep_workers({"sweep_workers": bad})
+
+
+def test_the_built_in_defaults_are_the_values_params_yaml_ships_with_and_each_key_says_what_it_takes():
+    """A sweep's unlisted keys take the built-in defaults, which the README calls the values params.yaml ships."""
+    raw = params.load(ROOT / "params.yaml")
+    assert params.train_params(raw) == params.TrainParams()
+    lines = (ROOT / "params.yaml").read_text().splitlines()
+    for key in (*params.TRAIN_KEYS, *params.OTHER_KEYS):
+        line = next(line for line in lines if line.startswith(f"{key}:"))
+        assert "#" in line, f"params.yaml: {key} has no comment"

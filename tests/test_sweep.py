@@ -87,10 +87,11 @@ def test_sweep_runs_take_grid_values_over_defaults_and_only_runtime_keys_from_th
     from fmnist.tracking import RunBuilder
 
     raw = {"lr": 0.5, "optimizer": "adam", "batch_size": 7, "device": "cpu", "cpu_kernel": "torch", "numerics": "native",
-           "sweep": {"lr": [0.01, 0.02], "epochs": [3]}}
+           "precision": "bfloat16", "sweep": {"lr": [0.01, 0.02], "epochs": [3]}}
     runs = RunBuilder.get_runs(params.sweep_grid(raw))
     configs = params.sweep_runs(raw, runs)
     defaults = params.TrainParams()
     assert [(c.lr, c.epochs) for c in configs] == [(0.01, 3), (0.02, 3)]
     assert all(c.optimizer == defaults.optimizer and c.batch_size == defaults.batch_size for c in configs)
-    assert all((c.device, c.cpu_kernel, c.numerics) == ("cpu", "torch", "native") for c in configs)
+    assert all((c.device, c.cpu_kernel, c.numerics, c.precision) == ("cpu", "torch", "native", "bfloat16")
+               for c in configs)

@@ -14,7 +14,7 @@ from ruamel.yaml import YAML
 
 from . import params, runtime
 from .doctor_env import FAIL, INFO, OK, TODO, Check, environment_checks, guarded
-from .errors import ParamsError, PipelineError
+from .errors import ParamsError, PipelineError, first_line
 from .extract import FILES, MIRROR_ENV
 
 
@@ -91,7 +91,7 @@ def check_dvc_repo(repo: Path) -> list[Check]:
     try:
         config = Config(dvc_dir=str(repo / ".dvc"))
     except ConfigError as e:
-        return [Check("DVC config", FAIL, f"DVC's configuration is invalid ({str(e).splitlines()[0]})",
+        return [Check("DVC config", FAIL, f"DVC's configuration is invalid ({first_line(e)})",
                       "dvc config --list shows it; fix .dvc/config")]
     checks = []
     if not config["core"].get("no_scm") and not any((d / ".git").exists() for d in (repo, *repo.parents)):
