@@ -39,3 +39,27 @@ def test_ci_runs_the_readmes_test_command():
     assert "make test      # create .venv" in readme and "`make test` is the test command" in readme
     commands = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
     assert commands[-1] == "make test"
+
+
+def test_every_installed_package_is_at_a_version_uv_lock_pins():
+    """The README's locked environment: whatever of uv.lock is installed here is at a locked version (the lock
+    holds one per Python version where they differ, and other platforms' packages)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: the lock installs tomli there
+        import tomli as tomllib
+
+    locked = {}
+    for package in tomllib.loads((ROOT / "uv.lock").read_text())["package"]:
+        if not package.get("source", {}).get("editable"):  # fmnist itself
+            locked.setdefault(package["name"], set()).add(package["version"])
+    installed = {}
+    for name in locked:
+        try:
+            installed[name] = version(name)
+        except PackageNotFoundError:  # another platform's or Python's package
+            continue
+    assert {name: v for name, v in installed.items() if v not in locked[name]} == {}
+    assert {"torch", "torchvision", "dvc", "pandas", "tensorboard"} <= set(installed)

@@ -1,6 +1,7 @@
 """The fused conv -> pool -> ReLU operator (fmnist::conv_pool_relu) against PyTorch's own layers."""
 
 import re
+import subprocess
 import sys
 import types
 
@@ -12,7 +13,7 @@ from fmnist import kernels
 from fmnist.errors import PipelineError
 from fmnist.models import Network, build_model
 
-from .conftest import in_ci
+from .conftest import ROOT, in_ci
 
 LAYERS = [(1, 5, 28), (5, 12, 12)]  # conv1 and conv2 of the seed Network: in, out channels, image size
 
@@ -302,3 +303,10 @@ def test_torch_compile_of_the_network_matches_eager(fused):
     (g_compiled,) = torch.autograd.grad(compiled(x).square().sum(), x)
     (g_eager,) = torch.autograd.grad(model(x).square().sum(), x)
     torch.testing.assert_close(g_compiled, g_eager, rtol=1e-5, atol=1e-6)
+
+
+def test_make_rebuilds_the_kernel_when_its_source_changes():
+    """The README's promise, asked of make itself (-n: plan only; -W: as if the C++ source were just edited)."""
+    plan = subprocess.run(["make", "-n", "-W", "src/fmnist/csrc/convpool.cpp", ".venv/bin/dvc"], cwd=ROOT,
+                          capture_output=True, text=True, check=True).stdout
+    assert "--reinstall-package fmnist" in plan and "-m fmnist.kernels" in plan

@@ -92,15 +92,23 @@ def test_every_key_a_stage_reads_is_declared_in_dvc_yaml():
     assert set(stage("sweep")["params"]) == {"sweep", "sweep_workers", *params.RUNTIME_KEYS}
 
 
-def test_train_stage_rejects_bad_params_before_any_work(tmp_path):
-    bad = write(tmp_path, "lr: -1\n")
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "stages" / "train.py"), "--params", str(bad), "--data", str(tmp_path / "none"),
-         *outputs("train", tmp_path)],
-        capture_output=True, text=True,
-    )
+@pytest.mark.parametrize("stage, text, message", [
+    ("train", "lr: -1\n", "lr must be a positive number, got -1"),
+    ("transform", "data:\n  val_size: -5\n", "data.val_size must be"),
+    ("evaluate", "tta: maybe\n", "tta must be"),
+    ("sweep", "sweep:\n  lr: [0.1, -1]\n", "sweep.lr"),
+])
+def test_each_stage_rejects_bad_params_in_one_line_before_any_work(tmp_path, stage, text, message):
+    bad = write(tmp_path, text)
+    args = {"train": ["--data", tmp_path / "none", *outputs("train", tmp_path)],
+            "transform": ["--raw", tmp_path / "none", "--out", tmp_path / "processed"],
+            "evaluate": ["--data", tmp_path / "none", "--model", tmp_path / "none.pt", *outputs("evaluate", tmp_path)],
+            "sweep": ["--data", tmp_path / "none", *outputs("sweep", tmp_path)]}[stage]
+    proc = subprocess.run([sys.executable, str(ROOT / "stages" / f"{stage}.py"), "--params", str(bad), *map(str, args)],
+                          capture_output=True, text=True)
     assert proc.returncode == 1
-    assert proc.stderr.strip() == "error: params.yaml: lr must be a positive number, got -1"
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: params.yaml: ") and message in lines[0], proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
 

@@ -26,8 +26,17 @@ def test_train_then_evaluate_write_every_output(tmp_path, processed_small):
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in out.iterdir()) == ["model.pt", "runs"]  # the resume state is gone
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["train"]  # no staging folder left
-    acc = EventAccumulator(str(out / "runs" / "train")).Reload()
-    assert len(acc.Scalars("Loss/val")) == 2
+    # what the README says TensorBoard shows of a training: the four curves, every parameter's and
+    # gradient's histogram, a grid of training images, the model graph and the hyperparameters
+    acc = EventAccumulator(str(out / "runs" / "train"), size_guidance={"histograms": 0}).Reload()
+    tags = acc.Tags()
+    assert {"Loss/train", "Loss/val", "Accuracy/train", "Accuracy/val"} <= set(tags["scalars"])
+    assert all(len(acc.Scalars(tag)) == 2 for tag in ("Loss/train", "Loss/val"))
+    names = [name for name, _ in torch.load(out / "model.pt", weights_only=True)["state_dict"].items()
+             if not name.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert {*names, *(f"{n}.grad" for n in names)} <= set(tags["histograms"])
+    assert tags["images"] and tags["graph"]
+    assert acc.PluginTagToContent("hparams")  # the HPARAMS tab (raises KeyError when there is none)
 
     proc = run("evaluate", "--data", processed_small, "--params", tmp_path / "params.yaml",
                "--model", out / "model.pt", *outputs("evaluate", out))
