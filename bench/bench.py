@@ -184,7 +184,7 @@ def main() -> None:
         print(f"\n{'batch':>6} {'seed loop img/s':>16} {'project img/s':>14} {'ratio':>6} {'GFLOP/s':>8} {'% of ceiling':>13}")
         for bs in args.batch_sizes:
             # Rounds alternate one seed epoch and one project epoch, so that a drift in the machine's
-            # speed (10-25% within minutes on shared machines) hits both; medians are reported.
+            # speed (which drifts within minutes on a shared machine) hits both; medians are reported.
             seed_loop = SeedLoop(seed_set, bs) if on_cpu else None
             project_loop = ProjectLoop(train, bs, device)
             seed_rates, rates = [], []
