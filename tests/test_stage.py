@@ -233,6 +233,13 @@ def test_after_kill_9_the_next_run_removes_the_dead_runs_staging_folder_only(tmp
     killed.proc.kill()  # SIGKILL: no handler, no finally
     killed.stderr()  # reaped, as a shell or dvc would
     assert staging.is_dir()  # what the user found
+    # ...and what `tensorboard --logdir runs` showed while it trained: the staging folder is one of its runs,
+    # with the finished epochs' curves
+    from tensorboard.backend.event_processing import io_wrapper
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert str(staging) in io_wrapper.GetLogdirSubdirectories(str(out / "runs"))
+    assert len(EventAccumulator(str(staging)).Reload().Scalars("Loss/train")) >= 1
 
     other = subprocess.Popen(["sleep", "60"])  # stands for a concurrent writer of the same target
     try:
@@ -264,3 +271,14 @@ def test_the_exceptions_behind_a_one_line_error_are_logged_and_shown_when_verbos
                              env={**env, "FMNIST_VERBOSE": "1"})
     assert verbose.stderr.splitlines()[0] == "error: m.pt: not a checkpoint"
     assert "KeyError: 'deep'" in verbose.stderr and verbose.returncode == 1
+
+
+def test_the_error_log_is_in_the_users_state_folder_when_xdg_state_home_is_not_set(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("XDG_STATE_HOME", "FMNIST_VERBOSE")}
+    env["HOME"] = str(tmp_path)
+    code = ("from fmnist import stage\nfrom fmnist.errors import DataError\n"
+            "def main():\n    raise DataError('bad')\n"
+            "stage.run(main)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert (proc.returncode, proc.stderr) == (1, "error: bad\n")
+    assert "error: bad" in (tmp_path / ".local" / "state" / "fmnist" / "last-error.log").read_text()  # the README's path
