@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import pandas as pd
@@ -175,28 +176,22 @@ def test_sigterm_stops_a_parallel_sweep_and_its_workers_cleanly(tmp_path, proces
 
 
 class ReverseOrderPool:
-    """A stand-in for the worker pool, in this process: it finishes the runs in the reverse of their
-    submission order, one at a time, so that every run completes out of grid order."""
+    """A stand-in for the worker pool, in this process: with :meth:`wait` in place of concurrent.futures',
+    each wait finishes the run submitted last, so that every run completes out of grid order."""
 
     def __init__(self, workers, mp_context=None, initializer=None, initargs=()):
-        self.jobs = []
+        self.jobs = {}  # future -> (its submission number, the call it stands for)
 
     def submit(self, fn, *args):
-        from concurrent.futures import Future
-
         future = Future()
-        self.jobs.append((future, fn, args))
-        if len(self.jobs) == 1:
-            import threading
-
-            threading.Timer(0.05, self._finish_all).start()
+        self.jobs[future] = (len(self.jobs), fn, args)
         return future
 
-    def _finish_all(self):
-        time.sleep(0.1)  # every run submitted by now (submission takes microseconds)
-        for future, fn, args in reversed(self.jobs):
-            future.set_result(fn(*args))
-            time.sleep(0.05)  # one completion per wait() of the sweep
+    def wait(self, pending, return_when):
+        last = max(pending, key=lambda f: self.jobs[f][0])
+        _, fn, args = self.jobs[last]
+        last.set_result(fn(*args))
+        return {last}, set(pending) - {last}
 
     def shutdown(self, wait=True, cancel_futures=False):
         pass
@@ -214,13 +209,21 @@ def test_each_parallel_run_is_recorded_under_its_own_grid_position_whatever_orde
                  "val_loss": i / 10, "val_accuracy": i / 100, **values}]
 
     class State:
-        saves = []
+        def __init__(self):
+            self.saves = []
 
         def save(self, **payload):
             self.saves.append({k: sorted(v) for k, v in payload.items() if k == "finished"})
 
     runs = RunBuilder.get_runs({"lr": [0.01, 0.02, 0.03]})
-    monkeypatch.setattr(sweep_module, "ProcessPoolExecutor", ReverseOrderPool)
+    pools = []
+
+    def pool(*args, **kwargs):
+        pools.append(ReverseOrderPool(*args, **kwargs))
+        return pools[-1]
+
+    monkeypatch.setattr(sweep_module, "ProcessPoolExecutor", pool)
+    monkeypatch.setattr(sweep_module, "wait", lambda pending, return_when: pools[-1].wait(pending, return_when))
     monkeypatch.setattr(sweep_module, "train_in_worker", fake_worker)
     state = State()
     manager = sweep_module._parallel(runs, [None] * 3, tmp_path / "data", tmp_path / "staging", state,
