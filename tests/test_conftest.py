@@ -41,10 +41,13 @@ def test_ci_runs_the_readmes_test_command():
     assert commands[-1] == "make test"
 
 
-def test_every_installed_package_is_at_a_version_uv_lock_pins():
-    """The README's locked environment: whatever of uv.lock is installed here is at a locked version (the lock
-    holds one per Python version where they differ, and other platforms' packages)."""
-    from importlib.metadata import PackageNotFoundError, version
+def test_every_package_in_the_venv_is_at_a_version_uv_lock_pins():
+    """The README's locked environment: every distribution in this environment's own site-packages (what
+    `uv sync` manages; not whatever else a machine puts on sys.path) is one uv.lock pins, at a locked version.
+    pip is the one exception: `python -m venv` seeds it to install uv, and uv leaves it."""
+    import re
+    import sysconfig
+    from importlib.metadata import distributions
 
     try:
         import tomllib
@@ -53,13 +56,10 @@ def test_every_installed_package_is_at_a_version_uv_lock_pins():
 
     locked = {}
     for package in tomllib.loads((ROOT / "uv.lock").read_text())["package"]:
-        if not package.get("source", {}).get("editable"):  # fmnist itself
-            locked.setdefault(package["name"], set()).add(package["version"])
-    installed = {}
-    for name in locked:
-        try:
-            installed[name] = version(name)
-        except PackageNotFoundError:  # another platform's or Python's package
-            continue
-    assert {name: v for name, v in installed.items() if v not in locked[name]} == {}
-    assert {"torch", "torchvision", "dvc", "pandas", "tensorboard"} <= set(installed)
+        locked.setdefault(package["name"], set()).add(package["version"])
+    site_packages = sorted({sysconfig.get_paths()[key] for key in ("purelib", "platlib")})
+    installed = {re.sub(r"[-_.]+", "-", dist.metadata["Name"]).lower(): dist.version
+                 for dist in distributions(path=site_packages)}
+    installed.pop("pip", None)
+    assert {name: v for name, v in installed.items() if v not in locked.get(name, ())} == {}
+    assert {"torch", "torchvision", "dvc", "pandas", "tensorboard", "fmnist"} <= set(installed)
