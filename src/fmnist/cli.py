@@ -1,4 +1,4 @@
-"""The ``fmnist`` command: ``fmnist predict`` and ``fmnist doctor``.
+"""The ``fmnist`` command: ``fmnist predict``, ``fmnist serve`` and ``fmnist doctor``.
 
 Errors are one line on stderr, as the stages report them (:func:`fmnist.stage.run`). Exit status: 0 when
 everything worked; 1 when a picture or the model could not be read, or doctor found a FAIL; 2 for a bad command line.
@@ -28,6 +28,21 @@ is only inverted, if need be). A file that cannot be classified gives one error 
 status 1; the others are still classified.
 """
 
+SERVE_EXAMPLES = """\
+examples:
+  fmnist serve                          # http://127.0.0.1:8000: the page; the API below it
+  fmnist serve --port 9000 --model models/other.pt
+  fmnist serve --host 0.0.0.0           # reachable from other machines (a phone on the same network)
+  curl -F file=@shoe.jpg -F file=@shirt.png 'http://127.0.0.1:8000/predict?top=5'
+  curl --data-binary @shoe.jpg -H 'Content-Type: image/jpeg' http://127.0.0.1:8000/predict
+
+POST /predict answers what fmnist predict --json prints, one entry per picture, each with
+the 28x28 picture the model saw; GET /model describes the checkpoint (its metrics, and the
+evaluate stage's when dvc.lock records it); GET /healthz; GET /openapi.json is the schema.
+A request over 20 MiB or 16 pictures, or slower than --body-timeout to arrive, is refused
+with a JSON error. Stop with Ctrl-C.
+"""
+
 DOCTOR_EXAMPLES = """\
 examples:
   fmnist doctor
@@ -44,7 +59,7 @@ the next step: the pipeline makes it) or FAIL (the default pipeline cannot run).
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fmnist", description="Fashion-MNIST: classify pictures with the trained "
                                      "model, or check the installation.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{predict,doctor}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{predict,serve,doctor}")
 
     pred = sub.add_parser("predict", help="classify pictures with a trained checkpoint",
                           description="Classify pictures (files or folders of them) with a trained checkpoint; "
@@ -64,6 +79,20 @@ def build_parser() -> argparse.ArgumentParser:
                       help="average over each picture and its mirror image, as the evaluate stage does with tta: true")
     pred.add_argument("--json", action="store_true", help="print a JSON list, one object per picture")
     pred.set_defaults(run=run_predict)
+
+    srv = sub.add_parser("serve", help="serve the model over HTTP: a web page and a JSON API",
+                         description="Serve a trained checkpoint over HTTP: a page to try it in a browser, and "
+                                     "POST /predict, fmnist predict's JSON for uploaded pictures.",
+                         epilog=SERVE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    srv.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on (default: %(default)s, this machine only; 0.0.0.0: every network)")
+    srv.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
+    srv.add_argument("--model", default="models/model.pt", help="checkpoint to serve (default: %(default)s)")
+    srv.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                     help="where the model runs: auto uses a CUDA GPU when there is one (default)")
+    srv.add_argument("--body-timeout", type=float, default=10.0, metavar="SECONDS",
+                     help="refuse a request whose body takes longer to arrive (default: %(default)g)")
+    srv.set_defaults(run=run_serve)
 
     doc = sub.add_parser("doctor", help="check the installation and what the pipeline needs",
                          description="Check the installation and this repository; say what to do next.",
@@ -101,6 +130,21 @@ def run_predict(args: argparse.Namespace) -> int:
         for r in results:
             print(predict.as_text(r, args.top))
     return 1 if failed else 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from . import serve
+    except ImportError as e:
+        raise PipelineError(f"fmnist serve needs the serve extra ({e.name} is missing): "
+                            "pip install 'fmnist[serve]', or make") from None
+    if not (0 < args.body_timeout < float("inf")):
+        raise PipelineError(f"--body-timeout must be a positive number of seconds, got {args.body_timeout:g}")
+    app = serve.create_app(args.model, args.device, body_seconds=args.body_timeout)  # a missing or bad checkpoint stops here, in one line
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
 
 
 def run_doctor(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -27,6 +28,8 @@ from .fileio import os_reason
 SIZE = 28  # the training images' side, in pixels
 INVERT = ("auto", "yes", "no")
 CROP_THRESHOLD = 24  # grey levels (of 255) from the background that count as the item, above JPEG noise
+MAX_PIXELS = 64_000_000  # the most a picture may decode to: a 64 Mpx RGB picture takes 192 MB, its grey copy 64 MB
+DRAFT_SIDE = 1024  # a JPEG's shorter side is decoded at no less (see open_scaled)
 
 
 @dataclass(frozen=True)
@@ -127,29 +130,48 @@ def prepare(gray: np.ndarray, invert: str = "auto", crop: bool = True) -> tuple[
     return np.asarray(square, dtype=np.uint8).copy(), inverted
 
 
-def read_picture(path: str | Path, invert: str = "auto", crop: bool = True) -> Picture:
-    """Read and :func:`prepare` one picture; a missing, unreadable or non-image file raises a one-line DataError."""
-    path = Path(path)
+def open_scaled(img: Image.Image) -> None:
+    """Let a JPEG decode at 1/2, 1/4 or 1/8 scale (Pillow's draft mode) while its shorter side stays at
+    least :data:`DRAFT_SIDE`: a phone photo then costs a fraction of its memory, and the 28x28 result barely
+    moves. Other formats decode whole."""
+    if img.format == "JPEG" and min(img.size) > DRAFT_SIDE:
+        scale = min(img.size) / DRAFT_SIDE
+        img.draft(img.mode, (int(img.width / scale), int(img.height / scale)))
+
+
+def read_picture(source: str | Path | BinaryIO, invert: str = "auto", crop: bool = True,
+                 name: str | None = None) -> Picture:
+    """Read and :func:`prepare` one picture from a path or an open binary file (``name`` then says what to call
+    it); a missing, unreadable, oversized or non-image file raises a one-line DataError."""
+    label = name if name is not None else str(source)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # 90-180 Mpx: slow, not an error
-            with Image.open(path) as img:
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # below MAX_PIXELS is not an error
+            with Image.open(source) as img:
+                width, height = img.size
+                open_scaled(img)
+                if img.width * img.height > MAX_PIXELS:  # checked on the header, before any pixel is decoded
+                    raise DataError(f"{label}: too large to read safely ({img.width}x{img.height} pixels; "
+                                    f"at most {MAX_PIXELS // 10**6} million)")
                 img.load()
+                scaled = img.size
                 gray = to_gray(img)
     except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
+        raise DataError(f"{label}: file not found") from None
     except Image.UnidentifiedImageError:
-        raise DataError(f"{path}: not an image (Pillow cannot identify its format)") from None
-    except Image.DecompressionBombError as e:  # over twice Pillow's limit: refused rather than decoded
-        raise DataError(f"{path}: too large to read safely ({e})") from None
+        raise DataError(f"{label}: not an image (Pillow cannot identify its format)") from None
+    except Image.DecompressionBombError as e:  # over twice Pillow's own limit: refused on the header as well
+        raise DataError(f"{label}: too large to read safely ({e})") from None
     except OSError as e:  # permission denied, a truncated or corrupt file
-        raise DataError(f"{path}: cannot read the image ({os_reason(e)})") from None
+        raise DataError(f"{label}: cannot read the image ({os_reason(e)})") from None
     except (SyntaxError, ValueError, EOFError) as e:  # what some of Pillow's decoders raise for broken files
-        raise DataError(f"{path}: cannot read the image ({type(e).__name__}: {first_line(e)})") from None
+        raise DataError(f"{label}: cannot read the image ({type(e).__name__}: {first_line(e)})") from None
     if gray.size == 0:
-        raise DataError(f"{path}: the image has no pixels")
+        raise DataError(f"{label}: the image has no pixels")
+    if gray.shape != scaled[::-1]:  # turned upright per its EXIF orientation
+        width, height = height, width
     pixels, inverted = prepare(gray, invert, crop)
-    return Picture(str(path), pixels, gray.shape[1], gray.shape[0], inverted)
+    return Picture(label, pixels, width, height, inverted)
 
 
 def load_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
