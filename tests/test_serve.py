@@ -11,6 +11,7 @@ import base64
 import io
 import json
 import re
+import shutil
 import socket
 import struct
 import subprocess
@@ -30,6 +31,8 @@ from fmnist.checkpoint import save_checkpoint
 from fmnist.cli import main
 from fmnist.models import build_model
 from fmnist.serve import MAX_BODY, MAX_FILES, create_app
+
+from .conftest import in_ci
 
 FMNIST = Path(sys.executable).parent / "fmnist"
 
@@ -277,3 +280,55 @@ def test_serve_without_a_model_is_one_line_and_its_help_has_examples(tmp_path, c
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
     assert "curl -F file=@shoe.jpg" in capsys.readouterr().out
+
+
+# The page, in a real browser: the system's Chromium driven by Playwright
+
+
+@pytest.fixture(scope="session")
+def browser_type_launch_args(browser_type_launch_args):
+    """pytest-playwright's launch options, for the system's Chromium (Playwright's own builds are downloads)."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        missing = "chromium is not installed (apt-get install chromium)"
+        if in_ci():
+            pytest.fail(f"{missing}; CI must run the browser test", pytrace=False)
+        pytest.skip(missing)
+    return {**browser_type_launch_args, "executable_path": chromium,
+            "args": ["--disable-background-networking", "--disable-component-update", "--disable-sync"]}
+
+
+def test_the_page_classifies_chosen_pictures_by_keyboard_offline_and_fits_a_phone(server, page, pictures, client,
+                                                                                    tmp_path):
+    from playwright.sync_api import expect
+
+    host, port, _ = server
+    base = f"http://{host}:{port}/"
+    elsewhere = []
+    page.on("request", lambda r: None if r.url.startswith(base) or r.url.startswith(("data:", "blob:"))
+            else elsewhere.append(r.url))
+    page.set_viewport_size({"width": 390, "height": 844})  # a phone's screen
+    page.goto(base)
+    expect(page.locator("#model")).to_contain_text("Model: network, test accuracy 12.5%")
+    page.keyboard.press("Tab")  # the first stop is the file chooser: keyboard users reach it at once
+    assert page.evaluate("document.activeElement.id") == "files"
+
+    page.set_input_files("#files", [str(p) for p in pictures])
+    cards = page.locator("#results li")
+    expect(cards).to_have_count(len(pictures))
+    api = client.post("/predict", files=[("file", (p.name, p.read_bytes(), "image/png")) for p in pictures]).json()
+    for card, record in zip(cards.all(), api, strict=True):
+        expect(card.locator(".name")).to_have_text(record["file"] + (" (inverted)" if record["inverted"] else ""))
+        expect(card.locator(".class")).to_have_text([g["class"] for g in record["top"]])
+        seen = card.locator("img.seen")
+        assert seen.get_attribute("src") == record["picture"]
+        assert seen.evaluate("img => img.complete && img.naturalWidth") == 28
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")  # no sideways scrolling
+    page.screenshot(path=tmp_path / "page.png", full_page=True)
+
+    text = tmp_path / "notes.txt"
+    text.write_text("not a picture")
+    page.set_input_files("#files", str(text))
+    expect(page.locator("#error")).to_contain_text("notes.txt: not an image")
+    expect(cards).to_have_count(len(pictures))  # the last results stay
+    assert elsewhere == []
