@@ -192,18 +192,25 @@ def server(checkpoint):
         port = s.getsockname()[1]
     proc = subprocess.Popen([str(FMNIST), "serve", "--model", str(checkpoint), "--port", str(port), "--device", "cpu",
                              "--body-timeout", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert proc.poll() is None, proc.stdout.read()
-            time.sleep(0.2)
+    wait_for(("127.0.0.1", port, proc))
     yield "127.0.0.1", port, proc
     proc.terminate()
     out, _ = proc.communicate(timeout=30)
     assert "Traceback" not in out, out
+
+
+def wait_for(server) -> None:
+    """Until ``server`` (host, port, process) accepts connections; its output if it exits first."""
+    host, port, proc = server
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+            return
+        except OSError:
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.2)
+    raise AssertionError(f"{host}:{port}: no server after 90 s")
 
 
 def exchange(server, request: bytes, pause_after: int | None = None, trickle: float = 0) -> tuple[int, dict, float]:
@@ -332,3 +339,24 @@ def test_the_page_classifies_chosen_pictures_by_keyboard_offline_and_fits_a_phon
     expect(page.locator("#error")).to_contain_text("notes.txt: not an image")
     expect(cards).to_have_count(len(pictures))  # the last results stay
     assert elsewhere == []
+
+
+def test_two_workers_answer_as_one_does(checkpoint, pictures, server):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([str(FMNIST), "serve", "--model", str(checkpoint), "--port", str(port), "--device", "cpu",
+                             "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        two = ("127.0.0.1", port, proc)
+        wait_for(two)
+        request = post(pictures[2].read_bytes())
+        answers = {json.dumps(exchange(two, request)[1]) for _ in range(6)}
+        assert answers == {json.dumps(exchange(server, request)[1])}
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        workers = [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        assert len(workers) == 2
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert "Traceback" not in out, out

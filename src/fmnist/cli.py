@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -33,6 +34,7 @@ examples:
   fmnist serve                          # http://127.0.0.1:8000: the page; the API below it
   fmnist serve --port 9000 --model models/other.pt
   fmnist serve --host 0.0.0.0           # reachable from other machines (a phone on the same network)
+  fmnist serve --workers 2              # a process per core: about twice the requests per second
   curl -F file=@shoe.jpg -F file=@shirt.png 'http://127.0.0.1:8000/predict?top=5'
   curl --data-binary @shoe.jpg -H 'Content-Type: image/jpeg' http://127.0.0.1:8000/predict
 
@@ -90,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--model", default="models/model.pt", help="checkpoint to serve (default: %(default)s)")
     srv.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                      help="where the model runs: auto uses a CUDA GPU when there is one (default)")
+    srv.add_argument("--workers", type=int, default=1, metavar="N",
+                     help="server processes, each with the model, sharing the port and the cores (default: 1)")
     srv.add_argument("--body-timeout", type=float, default=10.0, metavar="SECONDS",
                      help="refuse a request whose body takes longer to arrive (default: %(default)g)")
     srv.set_defaults(run=run_serve)
@@ -142,8 +146,19 @@ def run_serve(args: argparse.Namespace) -> int:
                             "pip install 'fmnist[serve]', or make") from None
     if not (0 < args.body_timeout < float("inf")):
         raise PipelineError(f"--body-timeout must be a positive number of seconds, got {args.body_timeout:g}")
-    app = serve.create_app(args.model, args.device, body_seconds=args.body_timeout)  # a missing or bad checkpoint stops here, in one line
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    if args.workers < 1:
+        raise PipelineError(f"--workers must be at least 1, got {args.workers}")
+    # a missing or bad checkpoint stops here, in one line, before any worker starts
+    app = serve.create_app(args.model, args.device, body_seconds=args.body_timeout)
+    if args.workers == 1:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+        return 0
+    del app  # each worker loads its own, through serve.worker_app
+    os.environ.update(FMNIST_SERVE_MODEL=str(Path(args.model).resolve()), FMNIST_SERVE_DEVICE=args.device,
+                      FMNIST_SERVE_BODY_SECONDS=str(args.body_timeout),
+                      FMNIST_SERVE_THREADS=str(max(1, (os.cpu_count() or 1) // args.workers)))
+    uvicorn.run("fmnist.serve:worker_app", factory=True, workers=args.workers, host=args.host, port=args.port,
+                log_level="info")
     return 0
 
 

@@ -139,6 +139,16 @@ async def _uploads(request: Request) -> list[tuple[str, bytes]]:
                              "(image/*) or a multipart/form-data form of them")
 
 
+def worker_app() -> FastAPI:
+    """The app for each of uvicorn's worker processes (``fmnist serve --workers N``), configured through the
+    environment that ``fmnist serve`` sets for them; the cores are split between the workers."""
+    import torch
+
+    torch.set_num_threads(int(os.environ["FMNIST_SERVE_THREADS"]))
+    return create_app(os.environ["FMNIST_SERVE_MODEL"], os.environ["FMNIST_SERVE_DEVICE"],
+                      float(os.environ["FMNIST_SERVE_BODY_SECONDS"]))
+
+
 def create_app(model: str | Path = "models/model.pt", device: str = "auto", body_seconds: float = BODY_SECONDS,
                ) -> FastAPI:
     """The app, with the checkpoint ``model`` loaded on ``device``: a missing or bad checkpoint raises its
