@@ -7,6 +7,7 @@ no other test to have run. A test that runs an experiment in A puts A back as it
 
 import hashlib
 import json
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,6 +136,39 @@ def test_a_clone_pulls_every_output_bit_for_bit_and_has_nothing_to_reproduce(tea
     assert sh(b, "dvc", "status").stdout.strip() == "Data and pipelines are up to date."
     assert "in sync" in sh(b, "dvc", "status", "--cloud").stdout
     assert sh(b, "git", "status", "--porcelain").stdout == ""
+
+
+STANDALONE = """
+import json, sys
+sys.modules["fmnist"] = None  # any import of this package now fails
+import torch
+program = torch.export.load(sys.argv[1]).module()
+images = torch.from_numpy(__import__("numpy").load(sys.argv[2]))
+print(json.dumps(program(images).tolist()))
+"""
+
+
+def test_the_model_artifact_is_fetched_by_name_from_the_repository_and_runs_without_this_package(team, tmp_path):
+    import numpy as np
+    import torch
+
+    from fmnist.checkpoint import load_checkpoint
+    from fmnist.export import Standalone
+
+    # a release is a Git tag in GTO's format, as `gto register` or DVC Studio make it
+    sh(team.a, "git", "tag", "-a", "fashion-classifier@v1.0.0", "-m", "the first release")
+    sh(team.a, "git", "push", "-q", "origin", "fashion-classifier@v1.0.0")
+    got = tmp_path / "elsewhere" / "classifier.pt2"
+    sh(tmp_path, "dvc", "artifacts", "get", str(team.origin), "fashion-classifier", "-o", str(got))
+    assert sha256(got) == sha256(team.a / "models" / "model.pt2")
+    images = np.load(team.a / "data" / "processed" / "test_images.npy")[:64]
+    np.save(tmp_path / "images.npy", images)
+    # a Python that cannot import this package, in a folder with nothing of ours
+    ran = json.loads(sh(tmp_path, sys.executable, "-I", "-c", STANDALONE, str(got), str(tmp_path / "images.npy")).stdout)
+    model, info = load_checkpoint(team.a / "models" / "model.pt", "cpu")
+    with torch.no_grad():
+        expected = Standalone(model, info["normalize"]["mean"], info["normalize"]["std"])(torch.from_numpy(images))
+    assert torch.allclose(torch.tensor(ran), expected, rtol=0, atol=1e-5)
 
 
 @pytest.fixture(scope="module")

@@ -120,7 +120,7 @@ def test_state_made_with_other_params_data_code_or_environment_is_not_used(tmp_p
     assert "not a readable resume state" in caplog.text
 
 
-@pytest.mark.parametrize("stage", ["extract", "transform", "train", "evaluate", "sweep"])
+@pytest.mark.parametrize("stage", yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
 def test_a_stages_code_deps_in_dvc_yaml_are_the_modules_it_imports(stage):
     """What DVC reruns a stage for is what its resume state is tied to: the script and the modules it runs."""
     script = ROOT / "stages" / f"{stage}.py"
@@ -132,7 +132,7 @@ def test_a_stages_code_deps_in_dvc_yaml_are_the_modules_it_imports(stage):
     if stage in ("train", "sweep"):
         assert {"src/fmnist/engine.py", "src/fmnist/models.py", "src/fmnist/csrc/convpool.cpp"} <= sources
     # the fmnist command's modules change no stage's results
-    assert not sources & {"src/fmnist/cli.py", "src/fmnist/predict.py", "src/fmnist/doctor.py"}
+    assert not sources & {"src/fmnist/cli.py", "src/fmnist/predict.py", "src/fmnist/doctor.py", "src/fmnist/serve.py"}
 
 
 def test_snapshot_restores_a_folder_and_refuses_names_outside_it(tmp_path):
