@@ -53,6 +53,7 @@ bench: $(BIN)/dvc
 	python bench/bench.py
 	python bench/load.py
 	python bench/latency.py
+	python bench/serve.py
 
 clean-venv:
 	rm -rf $(VENV)
