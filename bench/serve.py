@@ -1,13 +1,16 @@
 """`fmnist serve` under load: requests per second, latency and memory, at 1, 8 and 64 clients.
 
     python bench/serve.py                         # 20 s per row, 1 and 2 server processes
-    python bench/serve.py --seconds 5 --workers 2 --clients 8
+    python bench/serve.py --seconds 5 --workers 2 --clients 8 --pictures png28
 
-Each row starts `fmnist serve` on the trained model (models/model.pt), then wrk (Debian's package:
-apt-get install wrk) keeps N connections busy POSTing one 28x28 PNG test image (as raw image/png)
-to /predict, then GET /healthz with the same N: the server's own floor, measured in the same run,
-which the "of healthz" column compares with. Memory is the peak resident set of the server's
-processes, summed. ``--json FILE`` writes the figures.
+For each number of server processes it starts `fmnist serve` on the trained model
+(models/model.pt); then, for each number of clients, wrk (Debian's package: apt-get install wrk)
+keeps that many connections busy POSTing one picture as a raw body to /predict: a 28x28 PNG test
+image, then a photo-sized JPEG (the same image enlarged to 4032x3024 on a light background), and
+GET /healthz with the same connections, the server's own floor measured in the same run, which the
+"of healthz" column compares with. Memory is the server's processes' resident set, summed: after
+the row and at its peak since the server started (flat over the run when the two stay close).
+``--json FILE`` writes the figures.
 """
 
 from __future__ import annotations
@@ -26,26 +29,32 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LUA = """wrk.method = "POST"
-wrk.headers["Content-Type"] = "image/png"
+wrk.headers["Content-Type"] = os.getenv("FMNIST_BENCH_TYPE")
 local f = assert(io.open(os.getenv("FMNIST_BENCH_PNG"), "rb")); wrk.body = f:read("*a"); f:close()
 """
 
 
-def test_png(raw: Path) -> bytes:
+def pictures(raw: Path) -> dict[str, tuple[bytes, str]]:
+    """name: (the picture's bytes, its content type), from the first test image."""
     from PIL import Image
 
     from fmnist.data import read_idx_pair
 
-    images, _ = read_idx_pair(raw, "test")
-    buffer = io.BytesIO()
-    Image.fromarray(images[0]).save(buffer, format="PNG")
-    return buffer.getvalue()
+    item = Image.fromarray(read_idx_pair(raw, "test")[0][0])
+    small, photo = io.BytesIO(), io.BytesIO()
+    item.save(small, format="PNG")
+    side = 2800
+    big = Image.eval(item.resize((side, side), Image.Resampling.BICUBIC), lambda v: 255 - v).convert("RGB")
+    canvas = Image.new("RGB", (4032, 3024), (255, 255, 255))
+    canvas.paste(big, ((4032 - side) // 2, (3024 - side) // 2))
+    canvas.save(photo, format="JPEG", quality=90)
+    return {"png28": (small.getvalue(), "image/png"), "photo": (photo.getvalue(), "image/jpeg")}
 
 
 def wrk(url: str, clients: int, seconds: float, script: Path | None, env: dict) -> dict:
     cmd = ["wrk", "-t1", f"-c{clients}", f"-d{seconds:g}s", "--latency", "--timeout", "10s", url]
-    out = subprocess.run(cmd + (["-s", str(script)] if script else []), capture_output=True, text=True, env=env,
-                         check=True).stdout
+    out = subprocess.run(cmd + (["-s", str(script)] if script else []), capture_output=True, text=True,
+                         env={"PATH": "/usr/bin:/bin", **env}, check=True).stdout
 
     def ms(label: str) -> float:
         value, unit = re.search(rf"^\s+{label}\s+([\d.]+)(us|ms|s)$", out, re.M).groups()
@@ -56,10 +65,10 @@ def wrk(url: str, clients: int, seconds: float, script: Path | None, env: dict) 
             "p99_ms": ms("99%"), "errors": errors}
 
 
-def peak_mib(pid: int) -> float:
-    """The peak resident memory of ``pid`` and its children, in MiB."""
+def memory_mib(pid: int, field: str) -> float:
+    """``field`` of /proc/PID/status (VmRSS: resident now; VmHWM: its peak) for ``pid`` and its children, in MiB."""
     pids = [pid, *map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split())]
-    return sum(int(re.search(r"VmHWM:\s+(\d+)", Path(f"/proc/{p}/status").read_text()).group(1)) for p in pids) / 1024
+    return sum(int(re.search(rf"{field}:\s+(\d+)", Path(f"/proc/{p}/status").read_text()).group(1)) for p in pids) / 1024
 
 
 def serve(model: Path, workers: int) -> tuple[subprocess.Popen, int]:
@@ -87,6 +96,7 @@ def main() -> None:
     ap.add_argument("--raw", type=Path, default=ROOT / "data" / "raw", help="Fashion-MNIST's files, for a test image")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--pictures", nargs="+", choices=("png28", "photo"), default=["png28", "photo"])
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -94,24 +104,29 @@ def main() -> None:
         sys.exit("wrk is not installed (apt-get install wrk)")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        picture, script = Path(tmp) / "item.png", Path(tmp) / "post.lua"
-        picture.write_bytes(test_png(args.raw))
+        script = Path(tmp) / "post.lua"
         script.write_text(LUA)
-        env = {"FMNIST_BENCH_PNG": str(picture), "PATH": "/usr/bin:/bin"}
-        print(f"{'workers':>7} {'clients':>7} {'rps':>8} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} "
-              f"{'healthz rps':>11} {'of healthz':>10} {'peak MiB':>8}")
+        made = pictures(args.raw)
+        print(f"{'workers':>7} {'clients':>7} {'picture':>7} {'rps':>7} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} "
+              f"{'of healthz':>10} {'MiB now':>7} {'MiB peak':>8}")
         for workers in args.workers:
             proc, port = serve(args.model, workers)
             try:
                 for clients in args.clients:
-                    pred = wrk(f"http://127.0.0.1:{port}/predict", clients, args.seconds, script, env)
-                    floor = wrk(f"http://127.0.0.1:{port}/healthz", clients, args.seconds, None, env)
-                    row = {"workers": workers, "clients": clients, **pred, "healthz_rps": floor["rps"],
-                           "of_healthz": pred["rps"] / floor["rps"], "peak_mib": peak_mib(proc.pid)}
-                    rows.append(row)
-                    print(f"{workers:>7} {clients:>7} {row['rps']:>8.0f} {row['p50_ms']:>7.2f} {row['p99_ms']:>7.2f} "
-                          f"{row['errors']:>6} {row['healthz_rps']:>11.0f} {row['of_healthz']:>10.2f} "
-                          f"{row['peak_mib']:>8.0f}", flush=True)
+                    floor = wrk(f"http://127.0.0.1:{port}/healthz", clients, args.seconds, None, {})["rps"]
+                    for name in args.pictures:
+                        data, kind = made[name]
+                        (Path(tmp) / name).write_bytes(data)
+                        env = {"FMNIST_BENCH_PNG": str(Path(tmp) / name), "FMNIST_BENCH_TYPE": kind}
+                        row = {"workers": workers, "clients": clients, "picture": name,
+                               **wrk(f"http://127.0.0.1:{port}/predict", clients, args.seconds, script, env),
+                               "healthz_rps": floor, "rss_mib": memory_mib(proc.pid, "VmRSS"),
+                               "peak_mib": memory_mib(proc.pid, "VmHWM")}
+                        row["of_healthz"] = row["rps"] / floor
+                        rows.append(row)
+                        print(f"{workers:>7} {clients:>7} {name:>7} {row['rps']:>7.0f} {row['p50_ms']:>7.2f} "
+                              f"{row['p99_ms']:>7.2f} {row['errors']:>6} {row['of_healthz']:>10.3f} "
+                              f"{row['rss_mib']:>7.0f} {row['peak_mib']:>8.0f}", flush=True)
             finally:
                 proc.terminate()
                 proc.wait(timeout=60)

@@ -138,6 +138,18 @@ def in_ci() -> bool:
 
 
 @pytest.fixture(scope="session")
+def chromium() -> str:
+    """The system's Chromium, for the browser tests; without it a test is skipped on a laptop, failed in CI."""
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        missing = "chromium is not installed (apt-get install chromium)"
+        if in_ci():
+            pytest.fail(f"{missing}; CI must run the browser tests", pytrace=False)
+        pytest.skip(missing)
+    return path
+
+
+@pytest.fixture(scope="session")
 def mirror() -> Path:
     """The offline mirror's folder; without it a test is skipped on a laptop but fails in CI, which exists to run it."""
     if not all((MIRROR / f).is_file() for f in FILES):

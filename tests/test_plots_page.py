@@ -18,7 +18,7 @@ import yaml
 from dvc_render.base import Renderer
 from PIL import Image
 
-from .conftest import ROOT, in_ci
+from .conftest import ROOT
 from .e2e import sh
 
 pytestmark = pytest.mark.e2e
@@ -91,17 +91,6 @@ class PlotsPage(HTMLParser):
             self._depth -= 1
             if self._depth == 0:
                 self._plot = None
-
-
-@pytest.fixture(scope="module")
-def chromium() -> str:
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path is None:
-        missing = "chromium is not installed (apt-get install chromium)"
-        if in_ci():
-            pytest.fail(f"{missing}; CI must run the plots page tests", pytrace=False)
-        pytest.skip(missing)
-    return path
 
 
 def open_offline(chromium: str, page: Path, profile: Path) -> tuple[PlotsPage, list[str]]:

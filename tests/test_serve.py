@@ -11,7 +11,6 @@ import base64
 import io
 import json
 import re
-import shutil
 import socket
 import struct
 import subprocess
@@ -25,14 +24,14 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
+from urllib3 import encode_multipart_formdata
 
 from fmnist import CLASSES, kernels, params
+from fmnist import predict as pr
 from fmnist.checkpoint import save_checkpoint
 from fmnist.cli import main
 from fmnist.models import build_model
 from fmnist.serve import MAX_BODY, MAX_FILES, create_app
-
-from .conftest import in_ci
 
 FMNIST = Path(sys.executable).parent / "fmnist"
 
@@ -163,16 +162,21 @@ def bomb_png(side: int, bits: int = 8) -> bytes:
      422, "no files"),
 ], ids=["not-a-picture", "truncated-png", "empty", "json", "no-content-type", "no-boundary", "broken-form",
      "form-without-files"])
-def test_a_bad_request_is_a_4xx_json_error_naming_the_problem(client, body, content_type, status, says):
-    answer = client.post("/predict", content=body, headers={"content-type": content_type} if content_type else {})
-    assert answer.status_code == status and says in answer.json()["detail"]
+def test_a_bad_request_is_a_4xx_json_error_naming_the_problem(server, body, content_type, status, says):
+    answered, answer, _ = exchange(server, post(body, content_type))
+    assert answered == status and says in answer["detail"], answer
 
 
-def test_too_many_files_is_refused_before_any_is_classified(client, pictures):
+def test_too_many_files_is_refused_before_any_is_classified(server, pictures):
     small = pictures[0].read_bytes()
-    answer = client.post("/predict", files=[("file", (f"{i}.png", small, "image/png")) for i in range(MAX_FILES + 1)])
-    assert answer.status_code == 400 and f"Maximum number of files is {MAX_FILES}" in answer.json()["detail"]
-    assert client.post("/predict", files=[("file", ("a.png", small, "image/png"))] * MAX_FILES).status_code == 200
+    answers = {}
+    for count in (MAX_FILES + 1, MAX_FILES):
+        body, kind = encode_multipart_formdata([("file", (f"{i}.png", small, "image/png")) for i in range(count)])
+        answers[count] = exchange(server, post(body, kind))
+    status, answer, _ = answers[MAX_FILES + 1]
+    assert status == 400 and f"Maximum number of files is {MAX_FILES}" in answer["detail"]
+    status, answer, _ = answers[MAX_FILES]
+    assert status == 200 and [a["file"] for a in answer] == [f"{i}.png" for i in range(MAX_FILES)]
 
 
 def test_bad_query_parameters_are_422(client, pictures):
@@ -240,7 +244,9 @@ def exchange(server, request: bytes, pause_after: int | None = None, trickle: fl
 
 
 def post(body: bytes, content_type: str = "image/png", length: int | None = None) -> bytes:
-    return (f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\nConnection: close\r\n"
+    """A raw POST /predict request (no Content-Type header for an empty ``content_type``)."""
+    kind = f"Content-Type: {content_type}\r\n" if content_type else ""
+    return (f"POST /predict HTTP/1.1\r\nHost: x\r\n{kind}Connection: close\r\n"
             f"Content-Length: {len(body) if length is None else length}\r\n\r\n").encode() + body
 
 
@@ -293,14 +299,8 @@ def test_serve_without_a_model_is_one_line_and_its_help_has_examples(tmp_path, c
 
 
 @pytest.fixture(scope="session")
-def browser_type_launch_args(browser_type_launch_args):
+def browser_type_launch_args(browser_type_launch_args, chromium):
     """pytest-playwright's launch options, for the system's Chromium (Playwright's own builds are downloads)."""
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        missing = "chromium is not installed (apt-get install chromium)"
-        if in_ci():
-            pytest.fail(f"{missing}; CI must run the browser test", pytrace=False)
-        pytest.skip(missing)
     return {**browser_type_launch_args, "executable_path": chromium,
             "args": ["--disable-background-networking", "--disable-component-update", "--disable-sync"]}
 
@@ -360,3 +360,15 @@ def test_two_workers_answer_as_one_does(checkpoint, pictures, server):
         proc.terminate()
         out, _ = proc.communicate(timeout=30)
     assert "Traceback" not in out, out
+
+
+def test_a_photo_sized_jpeg_is_decoded_reduced_and_reported_at_its_size(server):
+    photo = np.full((3024, 4032, 3), 235, np.uint8)
+    photo[600:2400, 1500:2600] = (40, 60, 150)  # a dark item on a light background
+    buffer = io.BytesIO()
+    Image.fromarray(photo).save(buffer, format="JPEG", quality=90)
+    with Image.open(io.BytesIO(buffer.getvalue())) as img:
+        pr.open_scaled(img)
+        assert img.size == (2016, 1512)  # half scale: the shorter side stays over DRAFT_SIDE
+    status, answer, _ = exchange(server, post(buffer.getvalue(), "image/jpeg"))
+    assert status == 200 and (answer[0]["width"], answer[0]["height"], answer[0]["inverted"]) == (4032, 3024, True)
