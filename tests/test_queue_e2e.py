@@ -11,7 +11,7 @@ import pytest
 
 from .e2e import repo_clone, sh
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("pipeline")]  # one worker builds `pipeline` once
 
 LRS = (0.01, 0.02)
 METRICS = ("metrics/train.json", "metrics/eval.json")

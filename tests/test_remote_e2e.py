@@ -17,7 +17,7 @@ import yaml
 
 from .e2e import ENV, git_clone, repo_clone, sh
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("pipeline")]  # one worker builds `pipeline` once
 
 # new values for `-S`: none is the small-data default lr (0.05), so each experiment retrains
 LR_RUN_CACHE = 0.03
@@ -143,7 +143,7 @@ import sys
 sys.modules["fmnist"] = None  # any import of this package now fails
 import numpy, torch
 program = torch.export.load(sys.argv[1]).module()
-numpy.save(sys.argv[3], program(torch.from_numpy(numpy.load(sys.argv[2]))).numpy())
+numpy.save(sys.argv[3], program(torch.from_numpy(numpy.load(sys.argv[2]))).detach().numpy())
 """
 
 

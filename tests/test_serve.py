@@ -83,18 +83,20 @@ def pictures(tmp_path_factory) -> list[Path]:
     return [folder / name for name, _ in made]
 
 
-def cli_json(paths: list[Path], model: Path, *options: str) -> list[dict]:
-    out = subprocess.run([str(FMNIST), "predict", *map(str, paths), "--model", str(model), "--device", "cpu",
-                          "--json", *options], capture_output=True, text=True, timeout=120, check=True).stdout
-    return json.loads(out)
+def cli_json(capsys, paths: list[Path], model: Path, *options: str) -> list[dict]:
+    """What `fmnist predict --json` prints (its main, in this process: the console script calls only that)."""
+    capsys.readouterr()
+    assert main(["predict", *map(str, paths), "--model", str(model), "--device", "cpu", "--json", *options]) == 0
+    return json.loads(capsys.readouterr().out)
 
 
-def test_predict_answers_what_fmnist_predict_json_prints_with_the_picture_the_model_saw(client, checkpoint, pictures):
+def test_predict_answers_what_fmnist_predict_json_prints_with_the_picture_the_model_saw(client, checkpoint, pictures,
+                                                                                        capsys):
     files = [("file", (p.name, p.read_bytes(), "application/octet-stream")) for p in pictures]
     answer = client.post("/predict?top=4&invert=auto", files=files)
     assert answer.status_code == 200, answer.text
     records = answer.json()
-    expected = cli_json(pictures, checkpoint, "--top", "4")
+    expected = cli_json(capsys, pictures, checkpoint, "--top", "4")
     for record, cli in zip(records, expected, strict=True):
         seen = Image.open(io.BytesIO(base64.b64decode(record.pop("picture").removeprefix("data:image/png;base64,"))))
         assert (seen.size, seen.mode) == ((28, 28), "L")
@@ -103,13 +105,13 @@ def test_predict_answers_what_fmnist_predict_json_prints_with_the_picture_the_mo
     assert [len(r["top"]) for r in records] == [4, 4, 4]
 
 
-def test_a_raw_body_is_one_picture_and_the_options_are_fmnist_predicts(client, checkpoint, pictures):
+def test_a_raw_body_is_one_picture_and_the_options_are_fmnist_predicts(client, checkpoint, pictures, capsys):
     light = pictures[1]
     answer = client.post("/predict?top=10&invert=no&crop=false&tta=true", content=light.read_bytes(),
                          headers={"content-type": "image/jpeg"})
     assert answer.status_code == 200, answer.text
     (record,) = answer.json()
-    (cli,) = cli_json([light], checkpoint, "--top", "10", "--invert", "no", "--no-crop", "--tta")
+    (cli,) = cli_json(capsys, [light], checkpoint, "--top", "10", "--invert", "no", "--no-crop", "--tta")
     assert record["top"] == cli["top"] and record["file"] == "upload" and not record["inverted"]
     assert sorted(g["class"] for g in record["top"]) == sorted(CLASSES)
 
@@ -287,9 +289,10 @@ def test_the_server_still_answers_after_hostile_requests(server, pictures):
 
 
 def test_serve_without_a_model_is_one_line_and_its_help_has_examples(tmp_path, capsys):
-    proc = subprocess.run([str(FMNIST), "serve", "--model", str(tmp_path / "none.pt")], capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "none.pt" in proc.stderr, proc.stderr
+    with pytest.raises(SystemExit) as stopped:
+        main(["serve", "--model", str(tmp_path / "none.pt")])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 1 and err.count("\n") == 1 and "none.pt" in err, err
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
     assert "curl -F file=@shoe.jpg" in capsys.readouterr().out
