@@ -122,12 +122,11 @@ def test_a_process_that_dies_stops_the_others_with_one_line_and_no_outputs(small
     params = params_file(tmp_path, epochs=30, processes=2)
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, *command(small, params, out)], stderr=subprocess.PIPE, text=True)
-    script = str(ROOT / "stages" / "train.py")
     deadline = time.monotonic() + 120
     while not (out / "state.pt").exists():  # rank 0 finished an epoch: both are training
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
         time.sleep(0.02)
-    started = ranks(script)
+    started = ranks(str(params))  # this run's: its params file is this test's own
     assert sorted(started) == [0, 1]
     os.kill(started[1], signal.SIGKILL)
     start = time.monotonic()
@@ -138,7 +137,7 @@ def test_a_process_that_dies_stops_the_others_with_one_line_and_no_outputs(small
                                             "were stopped (its own message, if any, is above)")
     assert "Traceback" not in err
     assert not (out / "model.pt").exists() and not (out / "runs" / "train").exists()
-    assert not ranks(script)  # rank 0 is gone too
+    assert not ranks(str(params))  # rank 0 is gone too
 
 
 @pytest.mark.parametrize("sig, status, name", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "SIGINT")])

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -23,6 +24,9 @@ from .errors import ParamsError, PipelineError, Terminated, first_line
 
 # A collective that waits longer than this has lost a peer: every process stops instead of hanging.
 TIMEOUT = timedelta(minutes=5)
+# How long a launched process whose collective failed waits for a stop signal before reporting the failure:
+# the launcher signals every process at once, and a peer that has already stopped fails the collective.
+STOP_GRACE = 2.0
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,8 @@ def session(world: World) -> Iterator[None]:
     except RuntimeError as e:  # DistBackendError and gloo's transport errors are RuntimeErrors
         if world.size == 1:
             raise
+        if under_launcher():  # a stop signal on its way ends this process as stopped (stage.run), not failed
+            time.sleep(STOP_GRACE)
         raise PipelineError(f"training process {world.rank} of {world.size}: {first_line(e)}") from e
     finally:
         if world.size > 1 and dist.is_initialized():
@@ -115,7 +121,8 @@ def launch(processes: int) -> None:
         raise Terminated(e.sigval) from None
     except ChildFailedError as e:
         # the first to fail, not one the launcher then stopped with SIGTERM
-        rank, failure = min(e.failures.items(), key=lambda f: (f[1].exitcode == -15, f[1].timestamp, f[0]))
+        stopped = (-signal.SIGTERM, 128 + signal.SIGTERM)  # killed by it, or ended by stage.run on it
+        rank, failure = min(e.failures.items(), key=lambda f: (f[1].exitcode in stopped, f[1].timestamp, f[0]))
         how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit status {failure.exitcode}"
         raise PipelineError(f"training process {rank} of {processes} failed ({how}); the others were stopped"
                             " (its own message, if any, is above)") from None
