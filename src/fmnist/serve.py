@@ -6,10 +6,10 @@ what ``fmnist predict --json`` prints for them, with each picture as the model s
 says the server is up, and ``GET /openapi.json`` is the API's schema.
 
 Whatever a client sends ends in a JSON error with a 4xx status, never a crash or a stuck worker: a body
-over :data:`MAX_BODY` bytes (413), more than :data:`MAX_FILES` pictures (413), a body that takes longer
-than :data:`BODY_SECONDS` to arrive (408), a content type other than a picture or a form (415), a file
-that is not a picture, is truncated, or decodes to more than ``predict.MAX_PIXELS`` pixels (422), a
-malformed form or one of more than :data:`MAX_FILES` files (400).
+over :data:`MAX_BODY` bytes (413), a body that takes longer than :data:`BODY_SECONDS` to arrive (408),
+a content type other than a picture or a form (415), a file that is not a picture, is truncated, or
+decodes to more than ``predict.MAX_PIXELS`` pixels (422), a malformed form or one of more than
+:data:`MAX_FILES` files (400).
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ class _BodyLimits:
             left = deadline - asyncio.get_running_loop().time()
             try:
                 message = await asyncio.wait_for(receive(), max(left, 0))
-            except TimeoutError:
+            except asyncio.TimeoutError:  # the builtin TimeoutError only from Python 3.11
                 raise HTTPException(408, f"the request body did not arrive within {self.seconds:g} s") from None
             received += len(message.get("body", b""))
             if received > self.max_bytes:
