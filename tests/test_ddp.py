@@ -2,7 +2,6 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from fmnist.data import transform
 from fmnist.distributed import World
 from fmnist.params import DataParams
 
-from .conftest import ROOT, outputs, running
+from .conftest import ROOT, free_port, outputs, running
 
 
 @pytest.fixture(scope="module")
@@ -91,12 +90,6 @@ def test_two_processes_train_the_weights_of_one(small, two, tmp_path):
     # only rank 0 wrote: one table, one log folder, no state left
     assert two.stderr.count("   1     1 ") == 1
     assert sorted(p.name for p in two.out.iterdir()) == ["model.pt", "runs"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_nodes_through_c10d_rendezvous_train_as_two_local_processes(small, two, tmp_path):

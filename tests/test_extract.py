@@ -5,7 +5,6 @@ import io
 import os
 import re
 import http.server
-import socket
 import subprocess
 import sys
 import threading
@@ -21,7 +20,7 @@ import fmnist.extract as extract_module
 from fmnist.errors import DataError, OutputError, PipelineError, SourceError
 from fmnist.extract import FILES, SHA256, SIZES, Source, compressed_cap, extract, gunzip, sources_from_env
 
-from .conftest import ROOT, write_raw
+from .conftest import ROOT, free_port, write_raw
 
 STAGE = str(ROOT / "stages" / "extract.py")
 
@@ -118,10 +117,7 @@ def bomb() -> bytes:
 
 
 def closed_port_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/"
+    return f"http://127.0.0.1:{free_port()}/"
 
 
 def test_extract_from_mirror_folder_verifies_all_four_files(mirror, tmp_path):

@@ -8,6 +8,7 @@ real server (a body that never ends, a picture that decodes to gigabytes) is tes
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import re
@@ -33,6 +34,8 @@ from fmnist.cli import main
 from fmnist.models import build_model
 from fmnist.serve import MAX_BODY, MAX_FILES, create_app
 
+from .conftest import free_port
+
 FMNIST = Path(sys.executable).parent / "fmnist"
 
 
@@ -45,8 +48,6 @@ def checkpoint(tmp_path_factory) -> Path:
     path.parent.mkdir()
     save_checkpoint(path, build_model("network", seed=3, cpu_kernel=p.cpu_kernel), p, 0.29, 0.35,
                     metrics={"val_accuracy": 0.5})
-    import hashlib
-
     md5 = hashlib.md5(path.read_bytes()).hexdigest()
     (repo / "dvc.lock").write_text(f"schema: '2.0'\nstages:\n  train:\n    outs:\n    - path: models/model.pt\n"
                                    f"      md5: {md5}\n      size: {path.stat().st_size}\n")
@@ -190,16 +191,20 @@ def test_bad_query_parameters_are_422(client, pictures):
 # Against a running `fmnist serve`
 
 
+def start_server(checkpoint: Path, *options: str) -> tuple[str, int, subprocess.Popen]:
+    """(host, port, the server's process): `fmnist serve` on a free port, once it accepts connections."""
+    port = free_port()
+    proc = subprocess.Popen([str(FMNIST), "serve", "--model", str(checkpoint), "--port", str(port), "--device", "cpu",
+                             *options], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(("127.0.0.1", port, proc))
+    return "127.0.0.1", port, proc
+
+
 @pytest.fixture(scope="module")
 def server(checkpoint):
-    """(host, port, the server's process): `fmnist serve` on a free port, a short body timeout."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([str(FMNIST), "serve", "--model", str(checkpoint), "--port", str(port), "--device", "cpu",
-                             "--body-timeout", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wait_for(("127.0.0.1", port, proc))
-    yield "127.0.0.1", port, proc
+    """A running `fmnist serve` (:func:`start_server`) with a short body timeout."""
+    host, port, proc = start_server(checkpoint, "--body-timeout", "2")
+    yield host, port, proc
     proc.terminate()  # as `kill` or a service manager stops it: uvicorn shuts down, then one line and 143
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 143 and out.strip().splitlines()[-1] == "interrupted (SIGTERM)", out
@@ -346,14 +351,9 @@ def test_the_page_classifies_chosen_pictures_by_keyboard_offline_and_fits_a_phon
 
 
 def test_two_workers_answer_as_one_does(checkpoint, pictures, server):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([str(FMNIST), "serve", "--model", str(checkpoint), "--port", str(port), "--device", "cpu",
-                             "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    two = start_server(checkpoint, "--workers", "2")
+    proc = two[2]
     try:
-        two = ("127.0.0.1", port, proc)
-        wait_for(two)
         request = post(pictures[2].read_bytes())
         answers = {json.dumps(exchange(two, request)[1]) for _ in range(6)}
         assert answers == {json.dumps(exchange(server, request)[1])}

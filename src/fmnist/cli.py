@@ -144,6 +144,8 @@ def run_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise PipelineError(f"fmnist serve needs the serve extra ({e.name} is missing): "
                             "pip install 'fmnist[serve]', or make") from None
+    from .runtime import available_cores
+
     if not (0 < args.body_timeout < float("inf")):
         raise PipelineError(f"--body-timeout must be a positive number of seconds, got {args.body_timeout:g}")
     if args.workers < 1:
@@ -154,9 +156,10 @@ def run_serve(args: argparse.Namespace) -> int:
         uvicorn.run(app, host=args.host, port=args.port, log_level="info")
         return 0
     del app  # each worker loads its own, through serve.worker_app
+    # the workers inherit these; OMP_NUM_THREADS gives each its share of the cores, as torchrun's does
     os.environ.update(FMNIST_SERVE_MODEL=str(Path(args.model).resolve()), FMNIST_SERVE_DEVICE=args.device,
                       FMNIST_SERVE_BODY_SECONDS=str(args.body_timeout),
-                      FMNIST_SERVE_THREADS=str(max(1, (os.cpu_count() or 1) // args.workers)))
+                      OMP_NUM_THREADS=str(max(1, available_cores() // args.workers)))
     uvicorn.run("fmnist.serve:worker_app", factory=True, workers=args.workers, host=args.host, port=args.port,
                 log_level="info")
     return 0

@@ -34,7 +34,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import CLASSES, predict
 from .errors import PipelineError
-from .runtime import resolve_device
+from .runtime import available_cores, resolve_device
 
 MAX_BODY = 20 * 1024 * 1024  # bytes in one request: a few phone photos
 MAX_FILES = 16  # pictures in one form
@@ -141,10 +141,7 @@ async def _uploads(request: Request) -> list[tuple[str, bytes]]:
 
 def worker_app() -> FastAPI:
     """The app for each of uvicorn's worker processes (``fmnist serve --workers N``), configured through the
-    environment that ``fmnist serve`` sets for them; the cores are split between the workers."""
-    import torch
-
-    torch.set_num_threads(int(os.environ["FMNIST_SERVE_THREADS"]))
+    environment that ``fmnist serve`` sets for them (``OMP_NUM_THREADS``: its share of the cores)."""
     return create_app(os.environ["FMNIST_SERVE_MODEL"], os.environ["FMNIST_SERVE_DEVICE"],
                       float(os.environ["FMNIST_SERVE_BODY_SECONDS"]))
 
@@ -171,7 +168,7 @@ def create_app(model: str | Path = "models/model.pt", device: str = "auto", body
                   version="1", docs_url=None, redoc_url=None)  # their pages load scripts from a CDN
     app.add_middleware(_BodyLimits, max_bytes=MAX_BODY, seconds=body_seconds)
 
-    slots = asyncio.Semaphore(os.cpu_count() or 1)  # pictures decoded at once: bounds memory as well as CPU
+    slots = asyncio.Semaphore(available_cores())  # pictures decoded at once: bounds memory as well as CPU
 
     def classify(uploads: list[tuple[str, bytes]], top: int, invert: str, crop: bool, tta: bool) -> list[dict]:
         pictures = []
