@@ -33,7 +33,7 @@ from fmnist.data import load_processed
 from fmnist.engine import evaluate, to_device, train_one_epoch, training_state
 from fmnist.runtime import make_deterministic, resolve_device
 from fmnist.models import build_model
-from fmnist.reference import seed_network, seed_train_epoch, seed_train_set
+from reference import seed_network, seed_train_epoch, seed_train_set
 from fmnist.tracking import RunManager
 
 

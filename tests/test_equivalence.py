@@ -10,7 +10,7 @@ from fmnist import params
 from fmnist.data import FashionMNIST, load_processed
 from fmnist.engine import make_optimizer, to_device, train_one_epoch
 from fmnist.models import build_model
-from fmnist.reference import seed_network, seed_train_epoch
+from bench.reference import seed_network, seed_train_epoch
 from fmnist.tracking import RunBuilder, RunManager
 
 from .test_kernels import require_fused_kernel

@@ -3,7 +3,7 @@ import torch
 
 from fmnist.errors import ParamsError
 from fmnist.models import FastNet, Network, build_model, count_parameters
-from fmnist.reference import seed_network
+from bench.reference import seed_network
 
 from .test_kernels import require_fused_kernel
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .models import Network, build_model
+from fmnist.models import Network, build_model
 
 
 class SeedNetwork(Network):
