@@ -63,3 +63,20 @@ def test_every_package_in_the_venv_is_at_a_version_uv_lock_pins():
     installed.pop("pip", None)
     assert {name: v for name, v in installed.items() if v not in locked.get(name, ())} == {}
     assert {"torch", "torchvision", "dvc", "pandas", "tensorboard", "fmnist"} <= set(installed)
+
+
+def test_the_tests_of_an_xdist_group_run_on_one_worker(tmp_path):
+    """The end-to-end modules share one reproduced pipeline per worker through ``xdist_group``: pytest-xdist's
+    ``--dist loadgroup`` (pyproject's addopts) must keep a group's tests, across modules, on one worker."""
+    grouped = "import pytest\npytestmark = pytest.mark.xdist_group('g')\n" + "".join(
+        f"def test_{i}():\n    pass\n" for i in range(4))
+    (tmp_path / "test_a.py").write_text(grouped)
+    (tmp_path / "test_b.py").write_text(grouped)
+    (tmp_path / "test_c.py").write_text("".join(f"def test_{i}():\n    pass\n" for i in range(8)))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-c", os.devnull,
+                           "--rootdir", str(tmp_path), "-n", "2", "--dist", "loadgroup", str(tmp_path)],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ran = [line.split() for line in proc.stdout.splitlines() if line.startswith("[gw") and "PASSED" in line]
+    assert len(ran) == 16
+    assert len({worker for worker, *_, test in ran if "test_c.py" not in test}) == 1
