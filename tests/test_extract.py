@@ -3,6 +3,7 @@ import gzip
 import hashlib
 import io
 import os
+import random
 import re
 import http.server
 import subprocess
@@ -194,10 +195,11 @@ def test_sha256_check_covers_each_file_and_a_mismatch_leaves_no_output(mirror, t
 @pytest.mark.parametrize(
     "payload, expected",
     [
-        (gzip.compress(os.urandom(5000))[:-40], "truncated gzip"),
+        (gzip.compress(random.Random(0).randbytes(5000), mtime=0)[:-40], "truncated gzip"),
         (b"", "empty file"),
         (b"this is not gzip at all", "not a gzip file"),
     ],
+    ids=("truncated", "empty", "not-gzip"),  # every xdist worker must collect the same test names
 )
 def test_corrupt_files_fail_with_one_line_naming_the_file(tmp_path, payload, expected):
     bad = write_raw(tmp_path / "bad", train_images_idx3_ubyte_gz=payload)
