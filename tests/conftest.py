@@ -217,6 +217,23 @@ def pipeline(mirror, tmp_path_factory) -> Pipeline:
     return Pipeline(repo, proc)
 
 
+@dataclass(frozen=True)
+class Experiment:
+    repo: Path                          # a copy of `pipeline`'s repository after `dvc exp run -S lr=<lr>`
+    run: subprocess.CompletedProcess    # that `dvc exp run`
+    lr: float
+
+
+@pytest.fixture(scope="session")
+def experiment(pipeline, tmp_path_factory) -> Experiment:
+    """One experiment with a new lr, run once for the tests that inspect its results (each reads this copy or
+    works on a copy of its own)."""
+    from .e2e import repo_clone, sh
+
+    repo = repo_clone(pipeline.repo, tmp_path_factory.mktemp("experiment") / "repo")
+    return Experiment(repo, sh(repo, "dvc", "exp", "run", "-S", "lr=0.02"), 0.02)
+
+
 # Each stage's output arguments, as file names under a test's folder (the stages have no default
 # output paths, so a stage run by a test cannot write into the checkout).
 OUTPUTS = {

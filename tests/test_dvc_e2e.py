@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from .conftest import ROOT
-from .e2e import git_clone, repo_clone, set_params, sh
+from .e2e import git_clone, repo_clone, sh
 
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("pipeline")]  # one worker builds `pipeline` once
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("pipeline")]  # one worker, one `pipeline` and `experiment`
 
 
 @pytest.fixture(scope="module")
@@ -45,14 +45,13 @@ def test_second_repro_does_nothing(repo, reproduced):
     assert "Running stage" not in out
 
 
-def test_exp_run_with_a_new_lr_reruns_train_evaluate_and_export_only_and_diffs_show_it(repo, reproduced):
-    old_lr = yaml.safe_load((repo / "params.yaml").read_text())["lr"]
-    assert old_lr != 0.02
-    out = sh(repo, "dvc", "exp", "run", "-S", "lr=0.02").stdout
+def test_exp_run_with_a_new_lr_reruns_train_evaluate_and_export_only_and_diffs_show_it(experiment):
+    repo, out = experiment.repo, experiment.run.stdout
     assert all(f"Running stage '{stage}'" in out for stage in ("train", "evaluate", "export"))
     for stage in ("extract", "transform", "sweep"):
         assert f"Running stage '{stage}'" not in out
-    assert yaml.safe_load((repo / "params.yaml").read_text())["lr"] == 0.02
+    old_lr = yaml.safe_load(sh(repo, "git", "show", "HEAD:params.yaml").stdout)["lr"]
+    assert old_lr != experiment.lr and yaml.safe_load((repo / "params.yaml").read_text())["lr"] == experiment.lr
 
     metrics = json.loads(sh(repo, "dvc", "metrics", "diff", "--json").stdout)
     assert "metrics/eval.json" in metrics and "test_accuracy" in metrics["metrics/eval.json"]
@@ -60,10 +59,10 @@ def test_exp_run_with_a_new_lr_reruns_train_evaluate_and_export_only_and_diffs_s
     assert change["old"] != change["new"]
 
     params_diff = json.loads(sh(repo, "dvc", "params", "diff", "--json").stdout)
-    assert (params_diff["params.yaml"]["lr"]["old"], params_diff["params.yaml"]["lr"]["new"]) == (old_lr, 0.02)
+    assert (params_diff["params.yaml"]["lr"]["old"], params_diff["params.yaml"]["lr"]["new"]) == (old_lr, experiment.lr)
 
     show = sh(repo, "dvc", "exp", "show", "--csv").stdout
-    assert "test_accuracy" in show and "0.02" in show
+    assert "test_accuracy" in show and str(experiment.lr) in show
 
 
 def test_the_readmes_experiment_table_has_its_six_columns(pipeline):
@@ -104,11 +103,9 @@ def no_load_errors(proc: subprocess.CompletedProcess) -> str:
     return proc.stdout
 
 
-def test_a_clone_shows_every_committed_result_with_no_cache_pull_or_repro(pipeline, tmp_path):
-    a = repo_clone(pipeline.repo, tmp_path / "a")
-    set_params(a, lr=0.02)
-    sh(a, "dvc", "repro", "evaluate")  # new results; the export stage makes none
-    sh(a, "git", "commit", "-qam", "lr 0.02")
+def test_a_clone_shows_every_committed_result_with_no_cache_pull_or_repro(experiment, tmp_path):
+    a = repo_clone(experiment.repo, tmp_path / "a")
+    sh(a, "git", "commit", "-qam", "lr 0.02")  # the experiment's new results
     b = git_clone(a, tmp_path / "b")
     assert not (b / ".dvc" / "cache").exists() and not (b / "models" / "model.pt").exists()
 

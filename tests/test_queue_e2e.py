@@ -3,7 +3,6 @@ is listed by `dvc exp show`, and an experiment has the bits of the same run made
 
 import io
 import json
-import shutil
 import time
 
 import pandas as pd
@@ -11,9 +10,8 @@ import pytest
 
 from .e2e import repo_clone, sh
 
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("pipeline")]  # one worker builds `pipeline` once
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("pipeline")]  # one worker, one `pipeline` and `experiment`
 
-LRS = (0.01, 0.02)
 METRICS = ("metrics/train.json", "metrics/eval.json")
 
 
@@ -40,9 +38,10 @@ def queued_metrics(repo) -> dict[float, dict]:
     return found
 
 
-def test_a_queued_grid_runs_on_two_workers_is_listed_and_has_the_bits_of_direct_runs(pipeline, tmp_path):
+def test_a_queued_grid_runs_on_two_workers_is_listed_and_has_the_bits_of_direct_runs(pipeline, experiment, tmp_path):
     repo = repo_clone(pipeline.repo, tmp_path / "repo")  # the queue workers inherit FMNIST_MIRROR from sh's environment
-    sh(repo, "dvc", "exp", "run", "--queue", "-S", f"lr={','.join(map(str, LRS))}")  # DVC's grid syntax
+    lrs = (0.01, experiment.lr)
+    sh(repo, "dvc", "exp", "run", "--queue", "-S", f"lr={','.join(map(str, lrs))}")  # DVC's grid syntax
     try:
         sh(repo, "dvc", "queue", "start", "-j", "2")
         status = wait_for_queue(repo)
@@ -50,18 +49,13 @@ def test_a_queued_grid_runs_on_two_workers_is_listed_and_has_the_bits_of_direct_
         sh(repo, "dvc", "queue", "stop", check=False)  # idle workers would otherwise linger for a while
     assert status.count("Success") == 2, status
     queued = queued_metrics(repo)
-    assert set(queued) == set(LRS)
-    assert all(0 < queued[lr]["metrics/eval.json"]["test_accuracy"] <= 1 for lr in LRS)
+    assert set(queued) == set(lrs)
+    assert all(0 < queued[lr]["metrics/eval.json"]["test_accuracy"] <= 1 for lr in lrs)
     show = pd.read_csv(io.StringIO(sh(repo, "dvc", "exp", "show", "--csv").stdout))
     listed = show[show["typ"].str.startswith("branch")]  # the experiments, not the baseline commit
-    assert sorted(listed["lr"]) == sorted(LRS) and listed["test_accuracy"].notna().all()
+    assert sorted(listed["lr"]) == sorted(lrs) and listed["test_accuracy"].notna().all()
 
-    # the second experiment again in the workspace, alone (the first is the same code path with
-    # another lr: one direct run keeps this test's time down); without the run-cache, which the
-    # queued runs filled, DVC would restore its outputs instead of training
-    shutil.rmtree(repo / ".dvc" / "cache" / "runs")
-    lr = LRS[1]
-    out = sh(repo, "dvc", "exp", "run", "-S", f"lr={lr}").stdout
-    assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out
-    direct = {name: json.loads((repo / name).read_text()) for name in METRICS}
-    assert direct == queued[lr], lr  # bit for bit: the two runs side by side shared the cores, 1 thread each
+    # bit for bit the experiment run alone, in the workspace, on every core (the two runs side by side
+    # shared the cores, 1 thread each); the other queued run is the same code path with another lr
+    direct = {name: json.loads((experiment.repo / name).read_text()) for name in METRICS}
+    assert direct == queued[experiment.lr]

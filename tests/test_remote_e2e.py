@@ -2,7 +2,7 @@
 
 Clone A, a copy of the small-data pipeline reproduced once for the session (conftest `pipeline`), pushes to a local folder remote and a bare git
 `origin`; every test then clones `origin` into a fresh folder and pulls what it needs, so a test needs
-no other test to have run. A test that runs an experiment in A puts A back as it was afterwards.
+no other test to have run. The experiment a fixture runs in A is undone in A's workspace afterwards.
 """
 
 import hashlib
@@ -17,10 +17,9 @@ import yaml
 
 from .e2e import ENV, git_clone, repo_clone, sh
 
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("pipeline")]  # one worker builds `pipeline` once
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("remote")]  # one worker, one `pipeline` (conftest)
 
-# new values for `-S`: none is the small-data default lr (0.05), so each experiment retrains
-LR_RUN_CACHE = 0.03
+# a new value for `-S`: not the small-data default lr (0.05), so the experiment trains
 LR_SHARED = 0.04
 EXP_NAME = "shared-lr"
 CACHED = "Stage '{}' is cached - skipping run, checking out outputs"  # DVC's words (dvc/stage/cache.py)
@@ -173,75 +172,52 @@ def test_the_model_artifact_is_fetched_by_name_from_the_repository_and_runs_with
     assert (torch.from_numpy(np.load(tmp_path / "logits.npy")) - expected).abs().max() <= 1e-5
 
 
+@dataclass(frozen=True)
+class Shared:
+    model: str               # the experiment's checkpoint, its SHA-256
+    results: dict[str, bytes]  # its metrics files
+
+
 @pytest.fixture(scope="module")
-def new_split(team) -> dict[str, str]:
-    """A's experiment with another train/validation split, pushed with its run-cache: data/processed's digests."""
-    # transform: a stage whose outputs are all cached, the kind DVC keeps a run-cache for (see below)
-    with experiment_in(team.a):
-        ran = sh(team.a, "dvc", "exp", "run", "transform", "-S", "data.split_seed=1").stdout
-        assert "Running stage 'transform'" in ran, ran
-        digests = {p.name: sha256(p) for p in (team.a / "data" / "processed").iterdir()}
-        sh(team.a, "dvc", "push", "--run-cache")  # the run's record, and its outputs (in the workspace now)
-    assert digests != {p.name: sha256(p) for p in (team.a / "data" / "processed").iterdir()}  # a new split indeed
-    return digests
-
-
-def test_a_shared_run_cache_restores_a_stage_in_another_clone_instead_of_running_it(team, new_split, tmp_path):
-    b = clone(team, tmp_path / "b")
-    sh(b, "dvc", "pull", "--run-cache")
-    assert list((b / ".dvc" / "cache" / "runs").rglob("*")), "dvc pull --run-cache brought no run records"
-    # --pull: the records name the outputs, which are fetched from the remote when the stage is restored
-    out = sh(b, "dvc", "exp", "run", "--pull", "transform", "-S", "data.split_seed=1").stdout
-    assert CACHED.format("transform") in out and "Running stage" not in out, out
-    assert {p.name: sha256(p) for p in (b / "data" / "processed").iterdir()} == new_split
-
-
-def test_a_pulled_run_cache_reruns_the_stage_without_pull_as_its_outputs_are_only_remote(team, new_split, tmp_path):
-    # why docs/sharing.md says --pull: `dvc pull --run-cache` brings the run records but not the outputs they
-    # name, and DVC restores a stage from a record only when those outputs are in the local cache
-    b = clone(team, tmp_path / "b")
-    sh(b, "dvc", "pull", "--run-cache")
-    out = sh(b, "dvc", "exp", "run", "transform", "-S", "data.split_seed=1").stdout
-    assert "Running stage 'transform'" in out and CACHED.format("transform") not in out, out
-    assert {p.name: sha256(p) for p in (b / "data" / "processed").iterdir()} == new_split  # the same bits anyway
-
-
-def test_a_shared_run_cache_restores_training_in_another_clone(team, tmp_path):
-    with experiment_in(team.a):
-        sh(team.a, "dvc", "exp", "run", "-S", f"lr={LR_RUN_CACHE}")
-        model = sha256(team.a / "models" / "model.pt")
-        results = {name: (team.a / name).read_bytes() for name in ("metrics/train.json", "metrics/eval.json")}
-        sh(team.a, "dvc", "push", "--run-cache")
-
-    b = clone(team, tmp_path / "b")
-    out = sh(b, "dvc", "exp", "run", "--pull", "-S", f"lr={LR_RUN_CACHE}").stdout
-    # restored, not trained: every output of train is in DVC's cache (dvc.yaml); evaluate, whose
-    # results go to git, reruns from the restored checkpoint and gives A's bytes
-    assert "Running stage 'train'" not in out and CACHED.format("train") in out, out
-    assert "Running stage 'evaluate'" in out, out
-    assert sha256(b / "models" / "model.pt") == model
-    assert {name: (b / name).read_bytes() for name in results} == results
-
-
-def test_an_experiment_pushed_to_origin_is_listed_applied_and_checked_out_in_another_clone(team, tmp_path):
+def shared(team) -> Shared:
+    """An experiment in A (a new lr), shared both ways a team shares one: its run-cache pushed to the DVC
+    remote, and the experiment pushed to `origin` (its git ref, and its outputs to the remote)."""
     with experiment_in(team.a):
         sh(team.a, "dvc", "exp", "run", "-n", EXP_NAME, "-S", f"lr={LR_SHARED}")
         model = sha256(team.a / "models" / "model.pt")
-        metrics = json.loads((team.a / "metrics" / "eval.json").read_text())
+        results = {name: (team.a / name).read_bytes() for name in ("metrics/train.json", "metrics/eval.json")}
         assert not in_storage(team.storage, team.a / "models" / "model.pt")
         pushed = sh(team.a, "dvc", "exp", "push", "origin", EXP_NAME)
         assert "Pushed experiment" in pushed.stdout and EXP_NAME in pushed.stdout, pushed.stdout
         assert in_storage(team.storage, team.a / "models" / "model.pt")  # the outputs went to the DVC remote
+        sh(team.a, "dvc", "push", "--run-cache")  # and the run's record
+    return Shared(model, results)
 
+
+def test_a_shared_run_cache_restores_training_in_another_clone(team, shared, tmp_path):
+    # docs/sharing.md's --pull: `dvc pull --run-cache` alone brings the run records, not the outputs they
+    # name, and DVC restores a stage from a record only when those are in the local cache
+    b = clone(team, tmp_path / "b")
+    out = sh(b, "dvc", "exp", "run", "--pull", "-S", f"lr={LR_SHARED}").stdout
+    # restored, not trained: every output of train is in DVC's cache (dvc.yaml); evaluate, whose
+    # results go to git, reruns from the restored checkpoint and gives A's bytes
+    assert "Running stage 'train'" not in out and CACHED.format("train") in out, out
+    assert "Running stage 'evaluate'" in out, out
+    assert sha256(b / "models" / "model.pt") == shared.model
+    assert {name: (b / name).read_bytes() for name in shared.results} == shared.results
+
+
+def test_an_experiment_pushed_to_origin_is_listed_applied_and_checked_out_in_another_clone(team, shared, tmp_path):
     b = clone(team, tmp_path / "b")
     assert EXP_NAME not in experiments(b)
     sh(b, "dvc", "exp", "pull", "origin", EXP_NAME)  # the git ref from origin and its outputs from storage
     shown = experiments(b)[EXP_NAME]
+    metrics = json.loads(shared.results["metrics/eval.json"])
     assert shown["params"]["params.yaml"]["data"]["lr"] == LR_SHARED
     assert shown["metrics"]["metrics/eval.json"]["data"]["test_accuracy"] == metrics["test_accuracy"]
 
     sh(b, "dvc", "exp", "apply", EXP_NAME)
-    assert sha256(b / "models" / "model.pt") == model
+    assert sha256(b / "models" / "model.pt") == shared.model
     assert json.loads((b / "metrics" / "eval.json").read_text()) == metrics
     assert yaml.safe_load((b / "params.yaml").read_text())["lr"] == LR_SHARED
     status = sh(b, "dvc", "status").stdout
