@@ -151,13 +151,12 @@ def test_outside_the_repository_it_fails_and_says_where_to_run_it(tmp_path, caps
     assert "--repo PATH" in next_step(report, str(tmp_path))
 
 
-def test_a_broken_params_yaml_fails_with_one_line_naming_the_key(tmp_path):
-    repo = copy_repo(tmp_path / "repo")
+def test_a_broken_params_yaml_fails_with_one_line_naming_the_key(repo, capsys):
     set_params(repo, lr=-1)
-    proc = fmnist_doctor(cwd=repo)
-    assert proc.returncode == 1 and proc.stderr == ""
-    assert lines(proc.stdout, "FAIL") == ["params.yaml: lr must be a positive number, got -1"]
-    assert "1 problem(s) stop the default pipeline (params.yaml)" in proc.stdout
+    status, report = run_doctor(repo, capsys)  # the console script exits with main's status
+    assert status == 1
+    assert lines(report, "FAIL") == ["params.yaml: lr must be a positive number, got -1"]
+    assert "1 problem(s) stop the default pipeline (params.yaml)" in report
 
 
 @pytest.mark.parametrize("change, key", [
