@@ -19,6 +19,8 @@ from fmnist.extract import FILES, Source, extract
 from fmnist.params import DataParams
 
 ROOT = Path(__file__).resolve().parents[1]
+# the environment change that lets a command use every core of the machine, as a user's run does
+WHOLE_MACHINE = {"OMP_NUM_THREADS": str(len(os.sched_getaffinity(0)))}
 MIRROR = Path(os.environ.get("FMNIST_MIRROR", ROOT.parent / "shared" / "datasets" / "fashion-mnist"))
 
 
@@ -26,10 +28,16 @@ def pytest_configure(config):
     """This process computes as every stage does by default: portable numerics, pinned before any tensor.
 
     So what a test runs in-process (``fmnist predict``'s ``main``, say) can pin the numerics a
-    default checkpoint records, as a fresh process would.
+    default checkpoint records, as a fresh process would. Under pytest-xdist each worker gets its
+    share of the cores; :data:`WHOLE_MACHINE` gives a command every core.
     """
     from fmnist import runtime
 
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        # each xdist worker, and every stage it starts, takes its share of the cores (before torch is
+        # imported, which reads it): OpenMP threads beyond the free cores spin against each other
+        os.environ["OMP_NUM_THREADS"] = str(max(1, runtime.available_cores() // workers))
     runtime.pin_numerics("portable")
     # the stages' error logs (fmnist.stage.error_log) go to a folder of this run, not the user's own
     config.stash[STATE] = os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="fmnist-tests-state-")
@@ -211,7 +219,7 @@ def pipeline(mirror, tmp_path_factory) -> Pipeline:
     from .e2e import repo_copy, sh  # they import ROOT from here
 
     repo = repo_copy(tmp_path_factory.mktemp("pipeline") / "repo", mirror)
-    proc = sh(repo, "dvc", "repro")
+    proc = sh(repo, "dvc", "repro", env=WHOLE_MACHINE)
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "baseline")
     return Pipeline(repo, proc)
@@ -231,7 +239,7 @@ def experiment(pipeline, tmp_path_factory) -> Experiment:
     from .e2e import repo_clone, sh
 
     repo = repo_clone(pipeline.repo, tmp_path_factory.mktemp("experiment") / "repo")
-    return Experiment(repo, sh(repo, "dvc", "exp", "run", "-S", "lr=0.02"), 0.02)
+    return Experiment(repo, sh(repo, "dvc", "exp", "run", "-S", "lr=0.02", env=WHOLE_MACHINE), 0.02)
 
 
 # Each stage's output arguments, as file names under a test's folder (the stages have no default

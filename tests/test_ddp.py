@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+from fmnist import runtime
 from fmnist.data import transform
 from fmnist.distributed import World
 from fmnist.params import DataParams
@@ -163,7 +164,7 @@ def test_a_stop_signal_ends_a_data_parallel_train_as_it_ends_one_process(small, 
 
 def test_each_process_takes_its_share_of_the_cores(two):
     machine = yaml.safe_load((two.out / "runs" / "train" / "machine.json").read_text())
-    assert machine["threads"] == max(1, len(os.sched_getaffinity(0)) // 2)
+    assert machine["threads"] == max(1, runtime.available_cores() // 2)
 
 
 def test_two_processes_killed_resume_to_the_bits_of_an_uninterrupted_run(small, tmp_path):
@@ -209,7 +210,7 @@ def test_fastnet_batchnorm_on_the_cpu_keeps_rank_0s_statistics(small, tmp_path):
         return model.features[0][2].running_mean
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // 2))  # each process's, as they ran (oneDNN's
+    torch.set_num_threads(max(1, runtime.available_cores() // 2))  # each process's, as they ran (oneDNN's
     try:                                                                # sums depend on it)
         shard0 = running_mean_after_one_batch(x[order[:1000]])
         whole = running_mean_after_one_batch(x[order])
