@@ -14,7 +14,8 @@ def run_with_mirror(tmp_path, ci):
     (tmp_path / "test_probe.py").write_text(USES_MIRROR)
     (tmp_path / "empty").mkdir()
     env = {k: v for k, v in os.environ.items() if k != "CI"}
-    env.update(FMNIST_MIRROR=str(tmp_path / "empty"), PYTHONPATH=str(ROOT), **({"CI": ci} if ci else {}))
+    env.update(FMNIST_MIRROR=str(tmp_path / "empty"), PYTHONPATH=str(ROOT), PYTEST_DISABLE_PLUGIN_AUTOLOAD="1",
+               **({"CI": ci} if ci else {}))
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-rfs", "-p", "tests.conftest", "-p", "no:cacheprovider",
          "--rootdir", str(tmp_path), "-c", os.devnull, str(tmp_path / "test_probe.py")],
@@ -73,9 +74,10 @@ def test_the_tests_of_an_xdist_group_run_on_one_worker(tmp_path):
     (tmp_path / "test_a.py").write_text(grouped)
     (tmp_path / "test_b.py").write_text(grouped)
     (tmp_path / "test_c.py").write_text("".join(f"def test_{i}():\n    pass\n" for i in range(8)))
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-c", os.devnull,
-                           "--rootdir", str(tmp_path), "-n", "2", "--dist", "loadgroup", str(tmp_path)],
-                          capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "xdist.plugin", "-v", "-p", "no:cacheprovider",
+                           "-c", os.devnull, "--rootdir", str(tmp_path), "-n", "2", "--dist", "loadgroup", str(tmp_path)],
+                          capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})  # xdist alone: a faster start
     assert proc.returncode == 0, proc.stdout + proc.stderr
     ran = [line.split() for line in proc.stdout.splitlines() if line.startswith("[gw") and "PASSED" in line]
     assert len(ran) == 16
