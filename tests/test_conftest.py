@@ -13,7 +13,7 @@ def run_with_mirror(tmp_path, ci):
     """pytest, in a fresh process, on one test that uses the ``mirror`` fixture, the mirror folder empty."""
     (tmp_path / "test_probe.py").write_text(USES_MIRROR)
     (tmp_path / "empty").mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "PYTEST_ADDOPTS")}  # the caller's options: not here
     env.update(FMNIST_MIRROR=str(tmp_path / "empty"), PYTHONPATH=str(ROOT), PYTEST_DISABLE_PLUGIN_AUTOLOAD="1",
                **({"CI": ci} if ci else {}))
     return subprocess.run(
@@ -77,7 +77,8 @@ def test_the_tests_of_an_xdist_group_run_on_one_worker(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "xdist.plugin", "-v", "-p", "no:cacheprovider",
                            "-c", os.devnull, "--rootdir", str(tmp_path), "-n", "2", "--dist", "loadgroup", str(tmp_path)],
                           capture_output=True, text=True, cwd=tmp_path,
-                          env={**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})  # xdist alone: a faster start
+                          env={**{k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"},
+                               "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})  # xdist alone: a faster start
     assert proc.returncode == 0, proc.stdout + proc.stderr
     ran = [line.split() for line in proc.stdout.splitlines() if line.startswith("[gw") and "PASSED" in line]
     assert len(ran) == 16

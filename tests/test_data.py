@@ -111,21 +111,22 @@ def test_processed_images_equal_torchvision_fashion_mnist_to_tensor(raw_full, pr
         (raw / f.name.removesuffix(".gz")).write_bytes(gzip.decompress(f.read_bytes()))
     tf = torchvision.transforms.ToTensor()
     data = load_processed(processed_full)
-    idx = torch.from_numpy(np.load(processed_full / "val_idx.npy"))
+    val_idx = torch.from_numpy(np.load(processed_full / "val_idx.npy"))
     train_idx = torch.from_numpy(np.load(processed_full / "train_idx.npy"))
     for train, ours in ((True, None), (False, FashionMNIST(processed_full, "test"))):
         ref = torchvision.datasets.FashionMNIST(tmp_path, train=train, download=False, transform=tf)
-        ref_x, ref_y = next(iter(DataLoader(ref, batch_size=len(ref))))
-        if train:  # our training images are split: compare validation and training parts by index
-            torch.testing.assert_close(data.val.images.unsqueeze(1).float() / 255, ref_x[idx], rtol=0, atol=0)
-            assert torch.equal(data.val.labels, ref_y[idx])
-            torch.testing.assert_close(data.train.images.unsqueeze(1).float() / 255, ref_x[train_idx], rtol=0, atol=0)
-            assert torch.equal(data.train.labels, ref_y[train_idx])
-            assert len(train_idx) + len(idx) == len(ref)
+        if train:  # our training images are split: every one of both parts, by index
+            assert torch.equal(data.val.images, ref.data[val_idx]) and torch.equal(data.val.labels, ref.targets[val_idx])
+            assert torch.equal(data.train.images, ref.data[train_idx])
+            assert torch.equal(data.train.labels, ref.targets[train_idx])
+            assert len(train_idx) + len(val_idx) == len(ref)
+            ours_x = data.train.images.unsqueeze(1).float() / 255  # as the training path scales them
+            pairs = ((ours_x[i], int(train_idx[i])) for i in range(0, len(train_idx), 50))
         else:
-            ours_x, ours_y = next(iter(DataLoader(ours, batch_size=len(ours))))
-            torch.testing.assert_close(ours_x, ref_x, rtol=0, atol=0)
-            assert torch.equal(ours_y, ref_y)
+            assert torch.equal(ours.images, ref.data) and torch.equal(ours.labels, ref.targets)
+            pairs = ((ours[i][0], i) for i in range(0, len(ref), 50))
+        for x, j in pairs:  # ToTensor's float pixels, every 50th image: the same floats, bit for bit
+            torch.testing.assert_close(x, ref[j][0], rtol=0, atol=0)
 
 
 def test_tabular_dataset_splits_features_and_integer_target():
