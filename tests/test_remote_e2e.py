@@ -17,7 +17,7 @@ import yaml
 
 from .e2e import ENV, git_clone, repo_clone, sh
 
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("pipeline")]  # one worker, one `pipeline` (conftest)
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("remote")]  # one worker, one `pipeline` (conftest)
 
 # a new value for `-S`: not the small-data default lr (0.05), so the experiment trains
 LR_SHARED = 0.04
