@@ -17,10 +17,12 @@ import pytest
 from fmnist.data import transform
 from fmnist.extract import FILES, Source, extract
 from fmnist.params import DataParams
+from fmnist.runtime import available_cores
 
 ROOT = Path(__file__).resolve().parents[1]
-# the environment change that lets a command use every core of the machine, as a user's run does
-WHOLE_MACHINE = {"OMP_NUM_THREADS": str(len(os.sched_getaffinity(0)))}
+# the environment change that gives a command every core this run may use (affinity, and the caller's
+# OMP_NUM_THREADS if set), as a user's run has; read before pytest_configure sets a worker's share
+WHOLE_MACHINE = {"OMP_NUM_THREADS": str(available_cores())}
 MIRROR = Path(os.environ.get("FMNIST_MIRROR", ROOT.parent / "shared" / "datasets" / "fashion-mnist"))
 
 
@@ -28,16 +30,18 @@ def pytest_configure(config):
     """This process computes as every stage does by default: portable numerics, pinned before any tensor.
 
     So what a test runs in-process (``fmnist predict``'s ``main``, say) can pin the numerics a
-    default checkpoint records, as a fresh process would. Under pytest-xdist each worker gets its
-    share of the cores; :data:`WHOLE_MACHINE` gives a command every core.
+    default checkpoint records, as a fresh process would. Under pytest-xdist each worker, and every
+    process it starts, computes on its share of the cores (:func:`worker_share`); :data:`WHOLE_MACHINE`
+    gives a command all of them.
     """
+    import torch
+
     from fmnist import runtime
 
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
-        # each xdist worker, and every stage it starts, takes its share of the cores (before torch is
-        # imported, which reads it): OpenMP threads beyond the free cores spin against each other
-        os.environ["OMP_NUM_THREADS"] = str(max(1, runtime.available_cores() // workers))
+    share = worker_share(os.environ.get("PYTEST_XDIST_WORKER", ""), os.environ.get("PYTEST_XDIST_WORKER_COUNT", ""))
+    if share is not None:
+        os.environ["OMP_NUM_THREADS"] = str(share)  # the processes this worker starts read it
+        torch.set_num_threads(share)  # torch in this process read it at import, before this hook
     runtime.pin_numerics("portable")
     # the stages' error logs (fmnist.stage.error_log) go to a folder of this run, not the user's own
     config.stash[STATE] = os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="fmnist-tests-state-")
@@ -45,9 +49,19 @@ def pytest_configure(config):
         config.stash[CHECKOUT] = checkout_state()
 
 
+def worker_share(worker: str, count: str) -> int | None:
+    """Cores for pytest-xdist worker ``worker`` (``gw0``...) of ``count``: the cores this run may use, split
+    evenly, the first workers taking the remainder (None outside xdist). OpenMP threads beyond the free
+    cores spin against each other, so workers that each took every core would slow one another down."""
+    if not worker.startswith("gw") or not count.isdigit() or int(count) < 2:
+        return None
+    cores, n, index = available_cores(), int(count), int(worker[2:])
+    return max(1, cores // n + (index < cores % n))
+
+
 def pytest_collection_modifyitems(items):
-    """The tests of an xdist_group first: the group is the longest unit of work pytest-xdist hands out, in
-    collection order, so started last it would leave the other cores idle at the end."""
+    """The tests of an xdist_group first: the groups are the longest units of work pytest-xdist hands out,
+    in collection order, so started last they would leave the other cores idle at the end."""
     items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)  # stable: the rest keep their order
 
 

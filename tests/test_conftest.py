@@ -4,6 +4,11 @@ import os
 import subprocess
 import sys
 
+try:
+    import tomllib
+except ImportError:  # Python 3.10: the lock installs tomli there
+    import tomli as tomllib
+
 from .conftest import ROOT
 
 USES_MIRROR = "def test_uses_the_mirror(mirror):\n    assert mirror.is_dir()\n"
@@ -50,11 +55,6 @@ def test_every_package_in_the_venv_is_at_a_version_uv_lock_pins():
     import sysconfig
     from importlib.metadata import distributions
 
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10: the lock installs tomli there
-        import tomli as tomllib
-
     locked = {}
     for package in tomllib.loads((ROOT / "uv.lock").read_text())["package"]:
         locked.setdefault(package["name"], set()).add(package["version"])
@@ -83,3 +83,15 @@ def test_the_tests_of_an_xdist_group_run_on_one_worker(tmp_path):
     ran = [line.split() for line in proc.stdout.splitlines() if line.startswith("[gw") and "PASSED" in line]
     assert len(ran) == 16
     assert len({worker for worker, *_, test in ran if "test_c.py" not in test}) == 1
+    addopts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["addopts"]
+    assert "--dist loadgroup" in addopts  # and this suite runs so
+
+
+def test_xdist_workers_split_the_cores_and_the_first_take_the_remainder(monkeypatch):
+    from . import conftest
+
+    monkeypatch.setattr(conftest, "available_cores", lambda: 6)
+    assert [conftest.worker_share(f"gw{i}", "4") for i in range(4)] == [2, 2, 1, 1]
+    monkeypatch.setattr(conftest, "available_cores", lambda: 2)
+    assert [conftest.worker_share(f"gw{i}", "3") for i in range(3)] == [1, 1, 1]
+    assert conftest.worker_share("", "") is None and conftest.worker_share("gw0", "1") is None  # not split

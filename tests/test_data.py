@@ -120,8 +120,8 @@ def test_processed_images_equal_torchvision_fashion_mnist_to_tensor(raw_full, pr
             assert torch.equal(data.train.images, ref.data[train_idx])
             assert torch.equal(data.train.labels, ref.targets[train_idx])
             assert len(train_idx) + len(val_idx) == len(ref)
-            ours_x = data.train.images.unsqueeze(1).float() / 255  # as the training path scales them
-            pairs = ((ours_x[i], int(train_idx[i])) for i in range(0, len(train_idx), 50))
+            ours_x = data.train.images[::50].unsqueeze(1).float() / 255  # as the training path scales them
+            pairs = ((x, int(j)) for x, j in zip(ours_x, train_idx[::50]))
         else:
             assert torch.equal(ours.images, ref.data) and torch.equal(ours.labels, ref.targets)
             pairs = ((ours[i][0], i) for i in range(0, len(ref), 50))

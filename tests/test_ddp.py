@@ -17,7 +17,7 @@ from fmnist.data import transform
 from fmnist.distributed import World
 from fmnist.params import DataParams
 
-from .conftest import ROOT, free_port, outputs, running
+from .conftest import ROOT, WHOLE_MACHINE, free_port, outputs, running
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +39,9 @@ def command(data: Path, params: Path, out: Path) -> list[str]:
             *outputs("train", out, state="state.pt")]
 
 
-def train(data: Path, params: Path, out: Path, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([*(launcher or [sys.executable]), *command(data, params, out)], capture_output=True,
-                          text=True, timeout=300)
+def train(data: Path, params: Path, out: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *command(data, params, out)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **(env or {})})
 
 
 def checkpoint(out: Path) -> dict:
@@ -67,10 +67,11 @@ class TwoProcesses(NamedTuple):
 
 @pytest.fixture(scope="module")
 def two(small, tmp_path_factory) -> TwoProcesses:
-    """One epoch trained by 2 local processes, for the tests that compare other ways of training with it."""
+    """One epoch trained by 2 local processes given every core to share, for the tests that compare other
+    ways of training with it."""
     folder = tmp_path_factory.mktemp("two")
     params = params_file(folder, epochs=1, processes=2)
-    proc = train(small, params, folder / "out")
+    proc = train(small, params, folder / "out", env=WHOLE_MACHINE)
     assert proc.returncode == 0, proc.stderr
     return TwoProcesses(params, folder / "out", proc.stderr)
 
@@ -164,7 +165,7 @@ def test_a_stop_signal_ends_a_data_parallel_train_as_it_ends_one_process(small, 
 
 def test_each_process_takes_its_share_of_the_cores(two):
     machine = yaml.safe_load((two.out / "runs" / "train" / "machine.json").read_text())
-    assert machine["threads"] == max(1, runtime.available_cores() // 2)
+    assert machine["threads"] == max(1, int(WHOLE_MACHINE["OMP_NUM_THREADS"]) // 2)
 
 
 def test_two_processes_killed_resume_to_the_bits_of_an_uninterrupted_run(small, tmp_path):

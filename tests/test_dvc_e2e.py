@@ -107,7 +107,7 @@ def no_load_errors(proc: subprocess.CompletedProcess) -> str:
 
 def test_a_clone_shows_every_committed_result_with_no_cache_pull_or_repro(experiment, tmp_path):
     a = repo_clone(experiment.repo, tmp_path / "a")
-    sh(a, "git", "commit", "-qam", "lr 0.02")  # the experiment's new results
+    sh(a, "git", "commit", "-qam", f"lr {experiment.lr}")  # the experiment's new results
     b = git_clone(a, tmp_path / "b")
     assert not (b / ".dvc" / "cache").exists() and not (b / "models" / "model.pt").exists()
 
@@ -123,7 +123,7 @@ def test_a_clone_shows_every_committed_result_with_no_cache_pull_or_repro(experi
     assert "train_loss" in diff["metrics/train.json"]
 
     params = json.loads(sh(b, "dvc", "params", "diff", "HEAD~1", "--json").stdout)
-    assert (params["params.yaml"]["lr"]["old"], params["params.yaml"]["lr"]["new"]) == (0.05, 0.02)
+    assert (params["params.yaml"]["lr"]["old"], params["params.yaml"]["lr"]["new"]) == (0.05, experiment.lr)
 
     table = no_load_errors(sh(b, "dvc", "exp", "show", "-n", "2", "--csv"))
     rows = list(csv.DictReader(io.StringIO(table)))

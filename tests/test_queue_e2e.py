@@ -55,7 +55,7 @@ def test_a_queued_grid_runs_on_two_workers_is_listed_and_has_the_bits_of_direct_
     listed = show[show["typ"].str.startswith("branch")]  # the experiments, not the baseline commit
     assert sorted(listed["lr"]) == sorted(lrs) and listed["test_accuracy"].notna().all()
 
-    # bit for bit the experiment run alone, in the workspace, on every core (the two runs side by side
-    # shared the cores, 1 thread each); the other queued run is the same code path with another lr
+    # bit for bit the experiment run alone in the workspace, with every core to take (side by side, the
+    # two runs shared the cores); the other queued run is the same code path with another lr
     direct = {name: json.loads((experiment.repo / name).read_text()) for name in METRICS}
     assert direct == queued[experiment.lr]

@@ -1,7 +1,7 @@
 """End-to-end: a team shares results through DVC remote storage, with the real dvc and git commands.
 
-Clone A, a copy of the small-data pipeline reproduced once for the session (conftest `pipeline`), pushes to a local folder remote and a bare git
-`origin`; every test then clones `origin` into a fresh folder and pulls what it needs, so a test needs
+Clone A, a copy of the small-data pipeline reproduced once per test worker (conftest `pipeline`), pushes to a local
+folder remote and a bare git `origin`; every test then clones `origin` into a fresh folder and pulls what it needs, so a test needs
 no other test to have run. The experiment a fixture runs in A is undone in A's workspace afterwards.
 """
 
@@ -174,30 +174,36 @@ def test_the_model_artifact_is_fetched_by_name_from_the_repository_and_runs_with
 
 @dataclass(frozen=True)
 class Shared:
-    model: str               # the experiment's checkpoint, its SHA-256
+    model: str                 # the experiment's checkpoint, its SHA-256
+    model_md5: str             # and its MD5, the name of its object in a DVC cache
     results: dict[str, bytes]  # its metrics files
 
 
 @pytest.fixture(scope="module")
 def shared(team) -> Shared:
-    """An experiment in A (a new lr), shared both ways a team shares one: its run-cache pushed to the DVC
-    remote, and the experiment pushed to `origin` (its git ref, and its outputs to the remote)."""
+    """An experiment in A (a new lr), shared both ways a team shares one, as docs/sharing.md shows them: its
+    run records and outputs pushed with `dvc push --run-cache`, then the experiment to `origin`."""
     with experiment_in(team.a):
         sh(team.a, "dvc", "exp", "run", "-n", EXP_NAME, "-S", f"lr={LR_SHARED}")
         model = sha256(team.a / "models" / "model.pt")
+        model_md5 = hashlib.md5((team.a / "models" / "model.pt").read_bytes()).hexdigest()
         results = {name: (team.a / name).read_bytes() for name in ("metrics/train.json", "metrics/eval.json")}
         assert not in_storage(team.storage, team.a / "models" / "model.pt")
+        sh(team.a, "dvc", "push", "--run-cache")
+        assert in_storage(team.storage, team.a / "models" / "model.pt")  # the outputs went with the records
         pushed = sh(team.a, "dvc", "exp", "push", "origin", EXP_NAME)
         assert "Pushed experiment" in pushed.stdout and EXP_NAME in pushed.stdout, pushed.stdout
-        assert in_storage(team.storage, team.a / "models" / "model.pt")  # the outputs went to the DVC remote
-        sh(team.a, "dvc", "push", "--run-cache")  # and the run's record
-    return Shared(model, results)
+        assert "refs/exps/" in sh(team.a, "git", "ls-remote", "origin", "refs/exps/*").stdout  # its git ref
+    return Shared(model, model_md5, results)
 
 
 def test_a_shared_run_cache_restores_training_in_another_clone(team, shared, tmp_path):
-    # docs/sharing.md's --pull: `dvc pull --run-cache` alone brings the run records, not the outputs they
-    # name, and DVC restores a stage from a record only when those are in the local cache
     b = clone(team, tmp_path / "b")
+    # why docs/sharing.md says --pull: `dvc pull --run-cache` brings the run records, not the outputs they
+    # name, and DVC restores a stage from a record only when those are in the local cache
+    sh(b, "dvc", "pull", "--run-cache")
+    assert list((b / ".dvc" / "cache" / "runs").rglob("*")), "dvc pull --run-cache brought no run records"
+    assert not (b / ".dvc" / "cache" / "files" / "md5" / shared.model_md5[:2] / shared.model_md5[2:]).exists()
     out = sh(b, "dvc", "exp", "run", "--pull", "-S", f"lr={LR_SHARED}").stdout
     # restored, not trained: every output of train is in DVC's cache (dvc.yaml); evaluate, whose
     # results go to git, reruns from the restored checkpoint and gives A's bytes

@@ -16,20 +16,21 @@ import yaml
 from fmnist import runtime
 from fmnist.sweep import threads_per_run, worker_count
 
-from .conftest import ROOT
+from .conftest import ROOT, WHOLE_MACHINE
 from .test_resume import kill_when, same_tree
 
 TIMINGS = ["epoch_duration", "run_duration"]
 
 
-def sweep(out: Path, data: Path, workers: int, grid: dict, wait: bool = True):
-    """The real stage script with every output under ``out``; tagged so that its worker processes can be found."""
+def sweep(out: Path, data: Path, workers: int, grid: dict, wait: bool = True, env: dict | None = None):
+    """The real stage script with every output under ``out`` (``env``: changes to this process's environment);
+    tagged so that its worker processes can be found."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "params.yaml").write_text(yaml.safe_dump({"sweep_workers": workers, "sweep": grid}, sort_keys=False))
     cmd = [sys.executable, str(ROOT / "stages" / "sweep.py"), "--data", str(data), "--params", str(out / "params.yaml"),
            "--results", str(out / "metrics" / "sweep.csv"), "--best", str(out / "metrics" / "best.json"),
            "--env", str(out / "metrics" / "env.json"), "--logdir", str(out / "runs"), "--state", str(out / "state.pt")]
-    env = {**os.environ, "FMNIST_SWEEP_TEST": str(out)}
+    env = {**os.environ, **(env or {}), "FMNIST_SWEEP_TEST": str(out)}
     if wait:
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     log = open(out / "log.txt", "w")
@@ -72,9 +73,10 @@ SKIP = ("params.yaml", "machine.json", "runs.csv", "runs.json", "log.txt")
 
 @pytest.fixture(scope="module")
 def sequential(tmp_path_factory, processed_small) -> Path:
-    """The outputs of one uninterrupted sequential sweep of GRID: what every other sweep here must match."""
+    """The outputs of one uninterrupted sequential sweep of GRID, on every core (the others here run on this
+    test worker's share): what every other sweep here must match."""
     out = tmp_path_factory.mktemp("sequential")
-    proc = sweep(out, processed_small, 1, GRID)
+    proc = sweep(out, processed_small, 1, GRID, env=WHOLE_MACHINE)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     return out
@@ -94,9 +96,9 @@ def test_two_workers_write_the_bytes_of_a_sequential_sweep(tmp_path, processed_s
     assert tables[1]["run"].tolist() == [1, *[2] * 8, 3, *[4] * 8]
     # the machine's record beside the logs: the worker count and each run's threads
     machines = [yaml.safe_load((d / "runs" / "machine.json").read_text()) for d in (sequential, tmp_path / "two")]
-    cores = runtime.available_cores()  # this test's share of the machine (conftest)
-    assert (machines[0]["sweep_workers"], machines[0]["threads"]) == (1, cores)
-    assert (machines[1]["sweep_workers"], machines[1]["threads"]) == (2, max(1, cores // 2))
+    whole, share = int(WHOLE_MACHINE["OMP_NUM_THREADS"]), runtime.available_cores()  # conftest: per worker
+    assert (machines[0]["sweep_workers"], machines[0]["threads"]) == (1, whole)
+    assert (machines[1]["sweep_workers"], machines[1]["threads"]) == (2, max(1, share // 2))
     # the live table: each worker's rows, numbered and named by run
     rows = [line.split() for line in two.stderr.splitlines() if line.endswith("  lr=0.02,epochs=8")]
     assert [row[:2] for row in rows] == [["4", str(epoch)] for epoch in range(1, 9)]
