@@ -139,8 +139,9 @@ def test_a_clone_shows_every_committed_result_with_no_cache_pull_or_repro(experi
 
 
 def test_a_clone_reproduces_every_output_elsewhere_on_another_thread_count_and_git_stays_clean(pipeline, tmp_path):
-    """Another checkout path, user, home, host time zone and locale, another thread count, and nothing but
-    git to start from: the first `dvc repro` reruns every stage and changes no hash."""
+    """Another checkout path, user, home, host time zone and locale, another OMP_NUM_THREADS (ThreadShare may
+    still lower a training's threads to the cores free), and nothing but git to start from: the first
+    `dvc repro` reruns every stage and changes no hash."""
     b = git_clone(pipeline.repo, tmp_path / "elsewhere" / "b")
     threads = "1" if runtime.available_cores() > 1 else WHOLE_MACHINE["OMP_NUM_THREADS"]  # not the pipeline's
     env = {"OMP_NUM_THREADS": threads, "HOME": str(tmp_path), "USER": "someone", "TZ": "Pacific/Kiritimati",
