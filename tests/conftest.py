@@ -59,6 +59,17 @@ def worker_share(worker: str, count: str) -> int | None:
     return max(1, cores // n + (index < cores % n))
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """torch's thread count as each test found it: a training run in this process (ThreadShare) sets its own."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(items):
     """The tests of an xdist_group first: the groups are the longest units of work pytest-xdist hands out,
     in collection order, so started last they would leave the other cores idle at the end."""
