@@ -20,9 +20,10 @@ from fmnist.params import DataParams
 from fmnist.runtime import available_cores
 
 ROOT = Path(__file__).resolve().parents[1]
-# the environment change that gives a command every core this run may use (affinity, and the caller's
-# OMP_NUM_THREADS if set), as a user's run has; read before pytest_configure sets a worker's share
-WHOLE_MACHINE = {"OMP_NUM_THREADS": str(available_cores())}
+# every core this run may use (affinity, and the caller's OMP_NUM_THREADS if set), as a user's run has
+# them: read before pytest_configure sets a worker's share; WHOLE_MACHINE gives them to a command
+ALL_CORES = available_cores()
+WHOLE_MACHINE = {"OMP_NUM_THREADS": str(ALL_CORES)}
 MIRROR = Path(os.environ.get("FMNIST_MIRROR", ROOT.parent / "shared" / "datasets" / "fashion-mnist"))
 
 
@@ -263,8 +264,8 @@ def experiment(pipeline, tmp_path_factory) -> Experiment:
     works on a copy of its own)."""
     from .e2e import repo_clone, sh
 
-    repo = repo_clone(pipeline.repo, tmp_path_factory.mktemp("experiment") / "repo")
-    return Experiment(repo, sh(repo, "dvc", "exp", "run", "-S", "lr=0.02", env=WHOLE_MACHINE), 0.02)
+    repo, lr = repo_clone(pipeline.repo, tmp_path_factory.mktemp("experiment") / "repo"), 0.02
+    return Experiment(repo, sh(repo, "dvc", "exp", "run", "-S", f"lr={lr}", env=WHOLE_MACHINE), lr)
 
 
 # Each stage's output arguments, as file names under a test's folder (the stages have no default

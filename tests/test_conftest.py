@@ -14,13 +14,18 @@ from .conftest import ROOT
 USES_MIRROR = "def test_uses_the_mirror(mirror):\n    assert mirror.is_dir()\n"
 
 
+def bare_pytest_env(**changes: str) -> dict[str, str]:
+    """This environment for a pytest run of a test's own: without the caller's PYTEST_ADDOPTS or CI, and
+    without plugin autoloading (it loads what ``-p`` names: a faster start), with ``changes``."""
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "PYTEST_ADDOPTS")}
+    return {**env, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1", **changes}
+
+
 def run_with_mirror(tmp_path, ci):
     """pytest, in a fresh process, on one test that uses the ``mirror`` fixture, the mirror folder empty."""
     (tmp_path / "test_probe.py").write_text(USES_MIRROR)
     (tmp_path / "empty").mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("CI", "PYTEST_ADDOPTS")}  # the caller's options: not here
-    env.update(FMNIST_MIRROR=str(tmp_path / "empty"), PYTHONPATH=str(ROOT), PYTEST_DISABLE_PLUGIN_AUTOLOAD="1",
-               **({"CI": ci} if ci else {}))
+    env = bare_pytest_env(FMNIST_MIRROR=str(tmp_path / "empty"), PYTHONPATH=str(ROOT), **({"CI": ci} if ci else {}))
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-rfs", "-p", "tests.conftest", "-p", "no:cacheprovider",
          "--rootdir", str(tmp_path), "-c", os.devnull, str(tmp_path / "test_probe.py")],
@@ -76,9 +81,7 @@ def test_the_tests_of_an_xdist_group_run_on_one_worker(tmp_path):
     (tmp_path / "test_c.py").write_text("".join(f"def test_{i}():\n    pass\n" for i in range(8)))
     proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "xdist.plugin", "-v", "-p", "no:cacheprovider",
                            "-c", os.devnull, "--rootdir", str(tmp_path), "-n", "2", "--dist", "loadgroup", str(tmp_path)],
-                          capture_output=True, text=True, cwd=tmp_path,
-                          env={**{k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"},
-                               "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})  # xdist alone: a faster start
+                          capture_output=True, text=True, cwd=tmp_path, env=bare_pytest_env())
     assert proc.returncode == 0, proc.stdout + proc.stderr
     ran = [line.split() for line in proc.stdout.splitlines() if line.startswith("[gw") and "PASSED" in line]
     assert len(ran) == 16

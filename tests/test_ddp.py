@@ -17,7 +17,7 @@ from fmnist.data import transform
 from fmnist.distributed import World
 from fmnist.params import DataParams
 
-from .conftest import ROOT, WHOLE_MACHINE, free_port, outputs, running
+from .conftest import ALL_CORES, ROOT, WHOLE_MACHINE, free_port, outputs, running
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +165,7 @@ def test_a_stop_signal_ends_a_data_parallel_train_as_it_ends_one_process(small, 
 
 def test_each_process_takes_its_share_of_the_cores(two):
     machine = yaml.safe_load((two.out / "runs" / "train" / "machine.json").read_text())
-    assert machine["threads"] == max(1, int(WHOLE_MACHINE["OMP_NUM_THREADS"]) // 2)
+    assert machine["threads"] == max(1, ALL_CORES // 2)
 
 
 def test_two_processes_killed_resume_to_the_bits_of_an_uninterrupted_run(small, tmp_path):

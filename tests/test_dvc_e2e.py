@@ -12,7 +12,7 @@ import yaml
 
 from fmnist import runtime
 
-from .conftest import ROOT, WHOLE_MACHINE
+from .conftest import ALL_CORES, ROOT
 from .e2e import git_clone, repo_clone, sh
 
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("pipeline")]  # one worker, one `pipeline` and `experiment`
@@ -143,8 +143,8 @@ def test_a_clone_reproduces_every_output_elsewhere_on_another_thread_count_and_g
     still lower a training's threads to the cores free), and nothing but git to start from: the first
     `dvc repro` reruns every stage and changes no hash."""
     b = git_clone(pipeline.repo, tmp_path / "elsewhere" / "b")
-    threads = "1" if runtime.available_cores() > 1 else WHOLE_MACHINE["OMP_NUM_THREADS"]  # not the pipeline's
-    env = {"OMP_NUM_THREADS": threads, "HOME": str(tmp_path), "USER": "someone", "TZ": "Pacific/Kiritimati",
+    threads = 1 if runtime.available_cores() > 1 else ALL_CORES  # not the pipeline's setting
+    env = {"OMP_NUM_THREADS": str(threads), "HOME": str(tmp_path), "USER": "someone", "TZ": "Pacific/Kiritimati",
            "LANG": "C", "LC_ALL": "C"}
     repro = sh(b, "dvc", "repro", env=env).stdout
     for stage in ("extract", "transform", "train", "export", "sweep"):

@@ -16,7 +16,7 @@ import yaml
 from fmnist import runtime
 from fmnist.sweep import threads_per_run, worker_count
 
-from .conftest import ROOT, WHOLE_MACHINE
+from .conftest import ALL_CORES, ROOT, WHOLE_MACHINE
 from .test_resume import kill_when, same_tree
 
 TIMINGS = ["epoch_duration", "run_duration"]
@@ -96,8 +96,8 @@ def test_two_workers_write_the_bytes_of_a_sequential_sweep(tmp_path, processed_s
     assert tables[1]["run"].tolist() == [1, *[2] * 8, 3, *[4] * 8]
     # the machine's record beside the logs: the worker count and each run's threads
     machines = [yaml.safe_load((d / "runs" / "machine.json").read_text()) for d in (sequential, tmp_path / "two")]
-    whole, share = int(WHOLE_MACHINE["OMP_NUM_THREADS"]), runtime.available_cores()  # conftest: per worker
-    assert (machines[0]["sweep_workers"], machines[0]["threads"]) == (1, whole)
+    share = runtime.available_cores()  # this test worker's (conftest)
+    assert (machines[0]["sweep_workers"], machines[0]["threads"]) == (1, ALL_CORES)
     assert (machines[1]["sweep_workers"], machines[1]["threads"]) == (2, max(1, share // 2))
     # the live table: each worker's rows, numbered and named by run
     rows = [line.split() for line in two.stderr.splitlines() if line.endswith("  lr=0.02,epochs=8")]
